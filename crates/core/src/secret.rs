@@ -42,6 +42,20 @@ impl fmt::Display for Secret {
     }
 }
 
+/// Deserialises from a plain string (configuration files, environment).
+impl<'de> serde::Deserialize<'de> for Secret {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        String::deserialize(d).map(Self)
+    }
+}
+
+/// Serialises as `<redacted>`: a secret never leaves through serde.
+impl serde::Serialize for Secret {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str("<redacted>")
+    }
+}
+
 impl From<String> for Secret {
     fn from(s: String) -> Self {
         Self(s)
@@ -59,5 +73,8 @@ mod tests {
         assert!(!format!("{s:?}").contains("very-secret"));
         assert!(!format!("{:?}", Some(&s)).contains("very-secret"));
         assert_eq!(s.expose(), "sk-ant-very-secret");
+        assert_eq!(serde_json::to_string(&s).unwrap(), "\"<redacted>\"");
+        let back: Secret = serde_json::from_str("\"abc\"").unwrap();
+        assert_eq!(back.expose(), "abc");
     }
 }

@@ -1,1 +1,150 @@
+//! The metadata store: users, agents, allowed senders, encrypted secrets and
+//! API tokens (and, as the platform grows, jobs, deliveries and timers).
+//!
+//! Callers see only the `MetadataStore` trait and the row types here. Each
+//! backend owns its SQL and its migrations (`migrations/<backend>/`), so a
+//! PostgreSQL backend can follow without changing a caller.
+//!
+//! Architecture invariant: the store never sees a plaintext secret; it keeps
+//! what `tinyfat_core::Cipher` sealed. Times are Unix milliseconds.
 
+mod sqlite;
+
+use async_trait::async_trait;
+use tinyfat_core::{AgentId, AgentName, EmailAddress, SealedSecret, SenderPattern};
+
+pub use sqlite::SqliteStore;
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    /// A unique constraint refused the write; the string names what clashed.
+    #[error("{0} already exists")]
+    Conflict(&'static str),
+    #[error("not found: {0}")]
+    NotFound(String),
+    #[error("unsupported database url {0:?}: use sqlite://PATH (postgres:// is not available yet)")]
+    UnsupportedUrl(String),
+    #[error("stored data is corrupt: {0}")]
+    Corrupt(String),
+    #[error("database error: {0}")]
+    Database(#[from] sqlx::Error),
+    #[error("migration failed: {0}")]
+    Migrate(#[from] sqlx::migrate::MigrateError),
+}
+
+pub type Result<T, E = StoreError> = std::result::Result<T, E>;
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct User {
+    pub id: String,
+    pub email: EmailAddress,
+    pub created_ms: i64,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Agent {
+    pub id: AgentId,
+    pub name: AgentName,
+    pub email: EmailAddress,
+    pub owner_id: String,
+    pub owner_email: EmailAddress,
+    pub model: String,
+    pub created_ms: i64,
+}
+
+/// What `insert_agent` needs; `owner_email` is resolved by the store.
+#[derive(Clone, Debug)]
+pub struct NewAgent {
+    pub id: AgentId,
+    pub name: AgentName,
+    pub email: EmailAddress,
+    pub owner_id: String,
+    pub model: String,
+    pub created_ms: i64,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SecretInfo {
+    pub name: String,
+    pub key_id: String,
+    pub updated_ms: i64,
+}
+
+/// One stored secret, for re-encryption during key rotation.
+#[derive(Clone, Debug)]
+pub struct StoredSecret {
+    pub agent_id: AgentId,
+    pub name: String,
+    pub sealed: SealedSecret,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ApiToken {
+    pub id: String,
+    pub name: String,
+    /// `None`: an operator token that acts on every agent.
+    pub user_id: Option<String>,
+    pub token_hash: String,
+    pub created_ms: i64,
+    pub revoked_ms: Option<i64>,
+}
+
+/// Rows removed by `delete_agent`, for the user's confirmation message.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct DeletedRows {
+    pub agents: u64,
+    pub senders: u64,
+    pub secrets: u64,
+}
+
+#[async_trait]
+pub trait MetadataStore: Send + Sync + std::fmt::Debug {
+    /// Applies pending migrations; safe to call on every start.
+    async fn migrate(&self) -> Result<()>;
+    /// A cheap round trip, for readiness.
+    async fn ping(&self) -> Result<()>;
+    fn describe(&self) -> String;
+
+    async fn upsert_user(&self, id_if_new: &str, email: &EmailAddress, now_ms: i64) -> Result<User>;
+    async fn user_by_email(&self, email: &EmailAddress) -> Result<Option<User>>;
+
+    /// Fails with `Conflict("agent name")` or `Conflict("agent email")`.
+    async fn insert_agent(&self, agent: &NewAgent) -> Result<Agent>;
+    async fn agent_by_id(&self, id: &AgentId) -> Result<Option<Agent>>;
+    async fn agent_by_name(&self, name: &str) -> Result<Option<Agent>>;
+    async fn agent_by_email(&self, email: &EmailAddress) -> Result<Option<Agent>>;
+    /// All agents, or those of one user, ordered by name.
+    async fn list_agents(&self, owner_id: Option<&str>) -> Result<Vec<Agent>>;
+    async fn set_agent_model(&self, id: &AgentId, model: &str) -> Result<()>;
+    /// Removes the agent and every row that belongs to it, in one transaction.
+    async fn delete_agent(&self, id: &AgentId) -> Result<DeletedRows>;
+
+    /// Returns false when the rule was already there.
+    async fn add_sender(&self, agent: &AgentId, pattern: &SenderPattern, now_ms: i64) -> Result<bool>;
+    /// Returns false when there was no such rule.
+    async fn remove_sender(&self, agent: &AgentId, pattern: &SenderPattern) -> Result<bool>;
+    async fn list_senders(&self, agent: &AgentId) -> Result<Vec<SenderPattern>>;
+
+    async fn put_secret(&self, agent: &AgentId, name: &str, sealed: &SealedSecret, now_ms: i64) -> Result<()>;
+    async fn get_secret(&self, agent: &AgentId, name: &str) -> Result<Option<SealedSecret>>;
+    async fn list_secrets(&self, agent: &AgentId) -> Result<Vec<SecretInfo>>;
+    async fn delete_secret(&self, agent: &AgentId, name: &str) -> Result<bool>;
+    async fn all_secrets(&self) -> Result<Vec<StoredSecret>>;
+    /// Replaces the given secrets' ciphertexts in one transaction (key rotation).
+    async fn reseal_secrets(&self, resealed: &[StoredSecret], now_ms: i64) -> Result<()>;
+
+    async fn insert_token(&self, token: &ApiToken) -> Result<()>;
+    async fn token_by_hash(&self, token_hash: &str) -> Result<Option<ApiToken>>;
+    async fn list_tokens(&self) -> Result<Vec<ApiToken>>;
+    /// Returns false when no live token has that id.
+    async fn revoke_token(&self, id: &str, now_ms: i64) -> Result<bool>;
+}
+
+/// Opens the store a `database_url` names.
+pub async fn connect(database_url: &str) -> Result<std::sync::Arc<dyn MetadataStore>> {
+    if database_url.starts_with("sqlite:") {
+        Ok(std::sync::Arc::new(SqliteStore::open(database_url).await?))
+    } else {
+        Err(StoreError::UnsupportedUrl(database_url.to_owned()))
+    }
+}

@@ -1,0 +1,370 @@
+//! SQLite backend: one file, WAL journal, `synchronous = FULL` (an
+//! acknowledged write survives power loss), foreign keys on, and the
+//! embedded migrations of `migrations/sqlite`. All SQLite-specific SQL lives
+//! in this module.
+
+use std::str::FromStr;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use sqlx::Row;
+use sqlx::sqlite::{
+    SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteRow, SqliteSynchronous,
+};
+use tinyfat_core::{AgentId, AgentName, EmailAddress, KeyId, SealedSecret, SenderPattern};
+
+use crate::{
+    Agent, ApiToken, DeletedRows, MetadataStore, NewAgent, Result, SecretInfo, StoreError, StoredSecret, User,
+};
+
+static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations/sqlite");
+
+const POOL_CONNECTIONS_MAX: u32 = 8;
+const BUSY_TIMEOUT: Duration = Duration::from_secs(10);
+
+#[derive(Debug, Clone)]
+pub struct SqliteStore {
+    pool: SqlitePool,
+    url: String,
+}
+
+impl SqliteStore {
+    /// Opens (creating if missing) the database a `sqlite://PATH` url names.
+    pub async fn open(url: &str) -> Result<Self> {
+        let options = SqliteConnectOptions::from_str(url)?
+            .create_if_missing(true)
+            .journal_mode(SqliteJournalMode::Wal)
+            .synchronous(SqliteSynchronous::Full)
+            .foreign_keys(true)
+            .busy_timeout(BUSY_TIMEOUT);
+        let pool = SqlitePoolOptions::new().max_connections(POOL_CONNECTIONS_MAX).connect_with(options).await?;
+        Ok(Self { pool, url: url.to_owned() })
+    }
+
+    pub fn pool(&self) -> &SqlitePool {
+        &self.pool
+    }
+}
+
+const AGENT_COLUMNS: &str = "a.id, a.name, a.email, a.owner_id, u.email AS owner_email, a.model, a.created_ms";
+
+fn agent_from_row(row: &SqliteRow) -> Result<Agent> {
+    let corrupt = |what: &str, e: &dyn std::fmt::Display| StoreError::Corrupt(format!("agent {what}: {e}"));
+    Ok(Agent {
+        id: AgentId::parse(row.try_get("id")?).map_err(|e| corrupt("id", &e))?,
+        name: AgentName::parse(row.try_get("name")?).map_err(|e| corrupt("name", &e))?,
+        email: EmailAddress::parse(row.try_get("email")?).map_err(|e| corrupt("email", &e))?,
+        owner_id: row.try_get("owner_id")?,
+        owner_email: EmailAddress::parse(row.try_get("owner_email")?).map_err(|e| corrupt("owner", &e))?,
+        model: row.try_get("model")?,
+        created_ms: row.try_get("created_ms")?,
+    })
+}
+
+fn user_from_row(row: &SqliteRow) -> Result<User> {
+    Ok(User {
+        id: row.try_get("id")?,
+        email: EmailAddress::parse(row.try_get("email")?).map_err(|e| StoreError::Corrupt(e.to_string()))?,
+        created_ms: row.try_get("created_ms")?,
+    })
+}
+
+fn token_from_row(row: &SqliteRow) -> Result<ApiToken> {
+    Ok(ApiToken {
+        id: row.try_get("id")?,
+        name: row.try_get("name")?,
+        user_id: row.try_get("user_id")?,
+        token_hash: row.try_get("token_hash")?,
+        created_ms: row.try_get("created_ms")?,
+        revoked_ms: row.try_get("revoked_ms")?,
+    })
+}
+
+fn sealed_from_row(row: &SqliteRow) -> Result<SealedSecret> {
+    Ok(SealedSecret {
+        key_id: KeyId(row.try_get("key_id")?),
+        nonce: row.try_get("nonce")?,
+        ciphertext: row.try_get("ciphertext")?,
+    })
+}
+
+/// Maps a unique-constraint failure to `Conflict`, naming the column.
+fn conflict(err: sqlx::Error, what: &[(&str, &'static str)]) -> StoreError {
+    if let sqlx::Error::Database(db) = &err
+        && db.is_unique_violation()
+    {
+        let message = db.message();
+        for (column, label) in what {
+            if message.contains(column) {
+                return StoreError::Conflict(label);
+            }
+        }
+    }
+    StoreError::Database(err)
+}
+
+#[async_trait]
+impl MetadataStore for SqliteStore {
+    async fn migrate(&self) -> Result<()> {
+        MIGRATOR.run(&self.pool).await?;
+        Ok(())
+    }
+
+    async fn ping(&self) -> Result<()> {
+        sqlx::query("SELECT 1").execute(&self.pool).await?;
+        Ok(())
+    }
+
+    fn describe(&self) -> String {
+        self.url.clone()
+    }
+
+    async fn upsert_user(&self, id_if_new: &str, email: &EmailAddress, now_ms: i64) -> Result<User> {
+        sqlx::query("INSERT INTO users (id, email, created_ms) VALUES (?, ?, ?) ON CONFLICT (email) DO NOTHING")
+            .bind(id_if_new)
+            .bind(email.as_str())
+            .bind(now_ms)
+            .execute(&self.pool)
+            .await?;
+        self.user_by_email(email).await?.ok_or_else(|| StoreError::NotFound(format!("user {email}")))
+    }
+
+    async fn user_by_email(&self, email: &EmailAddress) -> Result<Option<User>> {
+        let row = sqlx::query("SELECT id, email, created_ms FROM users WHERE email = ?")
+            .bind(email.as_str())
+            .fetch_optional(&self.pool)
+            .await?;
+        row.as_ref().map(user_from_row).transpose()
+    }
+
+    async fn insert_agent(&self, agent: &NewAgent) -> Result<Agent> {
+        sqlx::query("INSERT INTO agents (id, name, email, owner_id, model, created_ms) VALUES (?, ?, ?, ?, ?, ?)")
+            .bind(agent.id.as_str())
+            .bind(agent.name.as_str())
+            .bind(agent.email.as_str())
+            .bind(&agent.owner_id)
+            .bind(&agent.model)
+            .bind(agent.created_ms)
+            .execute(&self.pool)
+            .await
+            .map_err(|e| {
+                conflict(
+                    e,
+                    &[("agents.name", "agent name"), ("agents.email", "agent email"), ("agents.id", "agent id")],
+                )
+            })?;
+        self.agent_by_id(&agent.id).await?.ok_or_else(|| StoreError::NotFound(agent.id.to_string()))
+    }
+
+    async fn agent_by_id(&self, id: &AgentId) -> Result<Option<Agent>> {
+        let sql = format!("SELECT {AGENT_COLUMNS} FROM agents a JOIN users u ON u.id = a.owner_id WHERE a.id = ?");
+        let row = sqlx::query(sqlx::AssertSqlSafe(sql)).bind(id.as_str()).fetch_optional(&self.pool).await?;
+        row.as_ref().map(agent_from_row).transpose()
+    }
+
+    async fn agent_by_name(&self, name: &str) -> Result<Option<Agent>> {
+        let sql = format!("SELECT {AGENT_COLUMNS} FROM agents a JOIN users u ON u.id = a.owner_id WHERE a.name = ?");
+        let row = sqlx::query(sqlx::AssertSqlSafe(sql)).bind(name).fetch_optional(&self.pool).await?;
+        row.as_ref().map(agent_from_row).transpose()
+    }
+
+    async fn agent_by_email(&self, email: &EmailAddress) -> Result<Option<Agent>> {
+        let sql = format!("SELECT {AGENT_COLUMNS} FROM agents a JOIN users u ON u.id = a.owner_id WHERE a.email = ?");
+        let row = sqlx::query(sqlx::AssertSqlSafe(sql)).bind(email.as_str()).fetch_optional(&self.pool).await?;
+        row.as_ref().map(agent_from_row).transpose()
+    }
+
+    async fn list_agents(&self, owner_id: Option<&str>) -> Result<Vec<Agent>> {
+        let sql = format!(
+            "SELECT {AGENT_COLUMNS} FROM agents a JOIN users u ON u.id = a.owner_id \
+             WHERE ?1 IS NULL OR a.owner_id = ?1 ORDER BY a.name"
+        );
+        let rows = sqlx::query(sqlx::AssertSqlSafe(sql)).bind(owner_id).fetch_all(&self.pool).await?;
+        rows.iter().map(agent_from_row).collect()
+    }
+
+    async fn set_agent_model(&self, id: &AgentId, model: &str) -> Result<()> {
+        let done = sqlx::query("UPDATE agents SET model = ? WHERE id = ?")
+            .bind(model)
+            .bind(id.as_str())
+            .execute(&self.pool)
+            .await?;
+        if done.rows_affected() == 0 {
+            return Err(StoreError::NotFound(id.to_string()));
+        }
+        Ok(())
+    }
+
+    async fn delete_agent(&self, id: &AgentId) -> Result<DeletedRows> {
+        let mut tx = self.pool.begin().await?;
+        let senders =
+            sqlx::query("DELETE FROM allowed_senders WHERE agent_id = ?").bind(id.as_str()).execute(&mut *tx).await?;
+        let secrets = sqlx::query("DELETE FROM secrets WHERE agent_id = ?").bind(id.as_str()).execute(&mut *tx).await?;
+        let agents = sqlx::query("DELETE FROM agents WHERE id = ?").bind(id.as_str()).execute(&mut *tx).await?;
+        tx.commit().await?;
+        Ok(DeletedRows {
+            agents: agents.rows_affected(),
+            senders: senders.rows_affected(),
+            secrets: secrets.rows_affected(),
+        })
+    }
+
+    async fn add_sender(&self, agent: &AgentId, pattern: &SenderPattern, now_ms: i64) -> Result<bool> {
+        let done = sqlx::query(
+            "INSERT INTO allowed_senders (agent_id, pattern, created_ms) VALUES (?, ?, ?) \
+             ON CONFLICT (agent_id, pattern) DO NOTHING",
+        )
+        .bind(agent.as_str())
+        .bind(pattern.to_string())
+        .bind(now_ms)
+        .execute(&self.pool)
+        .await?;
+        Ok(done.rows_affected() == 1)
+    }
+
+    async fn remove_sender(&self, agent: &AgentId, pattern: &SenderPattern) -> Result<bool> {
+        let done = sqlx::query("DELETE FROM allowed_senders WHERE agent_id = ? AND pattern = ?")
+            .bind(agent.as_str())
+            .bind(pattern.to_string())
+            .execute(&self.pool)
+            .await?;
+        Ok(done.rows_affected() == 1)
+    }
+
+    async fn list_senders(&self, agent: &AgentId) -> Result<Vec<SenderPattern>> {
+        let rows = sqlx::query("SELECT pattern FROM allowed_senders WHERE agent_id = ? ORDER BY pattern")
+            .bind(agent.as_str())
+            .fetch_all(&self.pool)
+            .await?;
+        rows.iter()
+            .map(|row| {
+                let text: String = row.try_get("pattern")?;
+                SenderPattern::parse(&text).map_err(|e| StoreError::Corrupt(e.to_string()))
+            })
+            .collect()
+    }
+
+    async fn put_secret(&self, agent: &AgentId, name: &str, sealed: &SealedSecret, now_ms: i64) -> Result<()> {
+        sqlx::query(
+            "INSERT INTO secrets (agent_id, name, key_id, nonce, ciphertext, updated_ms) VALUES (?, ?, ?, ?, ?, ?) \
+             ON CONFLICT (agent_id, name) DO UPDATE SET key_id = excluded.key_id, nonce = excluded.nonce, \
+             ciphertext = excluded.ciphertext, updated_ms = excluded.updated_ms",
+        )
+        .bind(agent.as_str())
+        .bind(name)
+        .bind(&sealed.key_id.0)
+        .bind(&sealed.nonce)
+        .bind(&sealed.ciphertext)
+        .bind(now_ms)
+        .execute(&self.pool)
+        .await?;
+        Ok(())
+    }
+
+    async fn get_secret(&self, agent: &AgentId, name: &str) -> Result<Option<SealedSecret>> {
+        let row = sqlx::query("SELECT key_id, nonce, ciphertext FROM secrets WHERE agent_id = ? AND name = ?")
+            .bind(agent.as_str())
+            .bind(name)
+            .fetch_optional(&self.pool)
+            .await?;
+        row.as_ref().map(sealed_from_row).transpose()
+    }
+
+    async fn list_secrets(&self, agent: &AgentId) -> Result<Vec<SecretInfo>> {
+        let rows = sqlx::query("SELECT name, key_id, updated_ms FROM secrets WHERE agent_id = ? ORDER BY name")
+            .bind(agent.as_str())
+            .fetch_all(&self.pool)
+            .await?;
+        rows.iter()
+            .map(|row| {
+                Ok(SecretInfo {
+                    name: row.try_get("name")?,
+                    key_id: row.try_get("key_id")?,
+                    updated_ms: row.try_get("updated_ms")?,
+                })
+            })
+            .collect()
+    }
+
+    async fn delete_secret(&self, agent: &AgentId, name: &str) -> Result<bool> {
+        let done = sqlx::query("DELETE FROM secrets WHERE agent_id = ? AND name = ?")
+            .bind(agent.as_str())
+            .bind(name)
+            .execute(&self.pool)
+            .await?;
+        Ok(done.rows_affected() == 1)
+    }
+
+    async fn all_secrets(&self) -> Result<Vec<StoredSecret>> {
+        let rows = sqlx::query("SELECT agent_id, name, key_id, nonce, ciphertext FROM secrets ORDER BY agent_id, name")
+            .fetch_all(&self.pool)
+            .await?;
+        rows.iter()
+            .map(|row| {
+                Ok(StoredSecret {
+                    agent_id: AgentId::parse(row.try_get("agent_id")?)
+                        .map_err(|e| StoreError::Corrupt(e.to_string()))?,
+                    name: row.try_get("name")?,
+                    sealed: sealed_from_row(row)?,
+                })
+            })
+            .collect()
+    }
+
+    async fn reseal_secrets(&self, resealed: &[StoredSecret], now_ms: i64) -> Result<()> {
+        let mut tx = self.pool.begin().await?;
+        for s in resealed {
+            sqlx::query(
+                "UPDATE secrets SET key_id = ?, nonce = ?, ciphertext = ?, updated_ms = ? WHERE agent_id = ? AND name = ?",
+            )
+            .bind(&s.sealed.key_id.0)
+            .bind(&s.sealed.nonce)
+            .bind(&s.sealed.ciphertext)
+            .bind(now_ms)
+            .bind(s.agent_id.as_str())
+            .bind(&s.name)
+            .execute(&mut *tx)
+            .await?;
+        }
+        tx.commit().await?;
+        Ok(())
+    }
+
+    async fn insert_token(&self, token: &ApiToken) -> Result<()> {
+        sqlx::query(
+            "INSERT INTO api_tokens (id, name, user_id, token_hash, created_ms, revoked_ms) VALUES (?, ?, ?, ?, ?, ?)",
+        )
+        .bind(&token.id)
+        .bind(&token.name)
+        .bind(&token.user_id)
+        .bind(&token.token_hash)
+        .bind(token.created_ms)
+        .bind(token.revoked_ms)
+        .execute(&self.pool)
+        .await
+        .map_err(|e| conflict(e, &[("api_tokens", "token")]))?;
+        Ok(())
+    }
+
+    async fn token_by_hash(&self, token_hash: &str) -> Result<Option<ApiToken>> {
+        let row = sqlx::query("SELECT * FROM api_tokens WHERE token_hash = ?")
+            .bind(token_hash)
+            .fetch_optional(&self.pool)
+            .await?;
+        row.as_ref().map(token_from_row).transpose()
+    }
+
+    async fn list_tokens(&self) -> Result<Vec<ApiToken>> {
+        let rows = sqlx::query("SELECT * FROM api_tokens ORDER BY created_ms").fetch_all(&self.pool).await?;
+        rows.iter().map(token_from_row).collect()
+    }
+
+    async fn revoke_token(&self, id: &str, now_ms: i64) -> Result<bool> {
+        let done = sqlx::query("UPDATE api_tokens SET revoked_ms = ? WHERE id = ? AND revoked_ms IS NULL")
+            .bind(now_ms)
+            .bind(id)
+            .execute(&self.pool)
+            .await?;
+        Ok(done.rows_affected() == 1)
+    }
+}
