@@ -30,10 +30,13 @@ pub fn router(platform: Arc<Platform>) -> Router {
 async fn readyz(State(state): State<AppState>) -> impl IntoResponse {
     let store = state.platform.store.ping().await;
     let storage = state.platform.storage.check().await;
-    let adapters = json!({
-        "store": if store.is_ok() { "ready".to_owned() } else { format!("error: {}", store.as_ref().unwrap_err()) },
-        "storage": if storage.is_ok() { "ready".to_owned() } else { format!("error: {}", storage.as_ref().unwrap_err()) },
-    });
+    let state_of = |r: &Result<(), String>| match r {
+        Ok(()) => "ready".to_owned(),
+        Err(e) => format!("error: {e}"),
+    };
+    let store = store.map_err(|e| e.to_string());
+    let storage = storage.map_err(|e| e.to_string());
+    let adapters = json!({ "store": state_of(&store), "storage": state_of(&storage) });
     let ready = store.is_ok() && storage.is_ok();
     let status = if ready { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE };
     (status, Json(json!({ "ready": ready, "adapters": adapters })))
