@@ -1,18 +1,30 @@
-//! The metadata store: users, agents, allowed senders, encrypted secrets and
-//! API tokens (and, as the platform grows, jobs, deliveries and timers).
+//! The metadata store: users, agents, allowed senders, encrypted secrets, API
+//! tokens, the durable job queue with agent leases and dead letters, outbound
+//! deliveries and daily token usage.
 //!
-//! Callers see only the `MetadataStore` trait and the row types here. Each
+//! Callers see only the traits (`MetadataStore`, `JobQueue`, `Deliveries`,
+//! `UsageLedger`, and `Store`, which is all of them) and the row types. Each
 //! backend owns its SQL and its migrations (`migrations/<backend>/`), so a
 //! PostgreSQL backend can follow without changing a caller.
 //!
 //! Architecture invariant: the store never sees a plaintext secret; it keeps
-//! what `tinyfat_core::Cipher` sealed. Times are Unix milliseconds.
+//! what `tinyfat_core::Cipher` sealed. Times are Unix milliseconds passed in
+//! by the caller; the store reads no clock and draws no randomness.
 
+pub mod delivery;
+pub mod queue;
 mod sqlite;
+
+use std::sync::Arc;
 
 use async_trait::async_trait;
 use tinyfat_core::{AgentId, AgentName, EmailAddress, SealedSecret, SenderPattern};
 
+pub use delivery::{Deliveries, Delivery, DeliveryState, InsertedDelivery, NewDelivery, UsageLedger};
+pub use queue::{
+    AgentQueueStatus, Claim, Enqueued, Failure, Job, JobOutcome, JobQueue, JobState, Lease, NewJob, Outcome,
+    QueueCounts, QueuePolicy, Settled, backoff_ms,
+};
 pub use sqlite::SqliteStore;
 
 #[derive(Debug, thiserror::Error)]
@@ -30,6 +42,16 @@ pub enum StoreError {
     Database(#[from] sqlx::Error),
     #[error("migration failed: {0}")]
     Migrate(#[from] sqlx::migrate::MigrateError),
+    /// The caller's input breaks a bound or format; retrying cannot help.
+    #[error("invalid: {0}")]
+    Invalid(String),
+    /// A group commit failed; no job of that batch was stored. Retry later
+    /// (a webhook answers 5xx so the provider retries).
+    #[error("enqueue was not committed: {0}")]
+    Commit(#[source] Arc<sqlx::Error>),
+    /// The enqueue writer task has stopped (the runtime is shutting down).
+    #[error("the queue writer has stopped")]
+    Closed,
 }
 
 pub type Result<T, E = StoreError> = std::result::Result<T, E>;
@@ -95,6 +117,12 @@ pub struct DeletedRows {
     pub agents: u64,
     pub senders: u64,
     pub secrets: u64,
+    /// Jobs that were not dead letters (queued, running, done).
+    pub jobs: u64,
+    pub dead_letters: u64,
+    pub deliveries: u64,
+    /// Days of token usage.
+    pub usage_days: u64,
 }
 
 #[async_trait]
@@ -116,7 +144,10 @@ pub trait MetadataStore: Send + Sync + std::fmt::Debug {
     /// All agents, or those of one user, ordered by name.
     async fn list_agents(&self, owner_id: Option<&str>) -> Result<Vec<Agent>>;
     async fn set_agent_model(&self, id: &AgentId, model: &str) -> Result<()>;
-    /// Removes the agent and every row that belongs to it, in one transaction.
+    /// Removes the agent and every row that belongs to it, in one transaction:
+    /// senders, secrets, jobs (dead letters included), their dedup keys, the
+    /// agent's lease, deliveries and usage. A worker holding the lease finds
+    /// it lost at its next renewal.
     async fn delete_agent(&self, id: &AgentId) -> Result<DeletedRows>;
 
     /// Returns false when the rule was already there.
@@ -140,10 +171,22 @@ pub trait MetadataStore: Send + Sync + std::fmt::Debug {
     async fn revoke_token(&self, id: &str, now_ms: i64) -> Result<bool>;
 }
 
-/// Opens the store a `database_url` names.
-pub async fn connect(database_url: &str) -> Result<std::sync::Arc<dyn MetadataStore>> {
+/// Everything the store offers, as one object: `Arc<dyn Store>` upcasts to
+/// `Arc<dyn MetadataStore>`, `Arc<dyn JobQueue>` and the others.
+pub trait Store: MetadataStore + JobQueue + Deliveries + UsageLedger {}
+
+impl<T: MetadataStore + JobQueue + Deliveries + UsageLedger + ?Sized> Store for T {}
+
+/// Opens the store a `database_url` names, with the default `QueuePolicy`.
+pub async fn connect(database_url: &str) -> Result<Arc<dyn Store>> {
+    connect_with(database_url, QueuePolicy::default()).await
+}
+
+/// Opens the store a `database_url` names. Must run inside a Tokio runtime:
+/// the store starts its enqueue writer task.
+pub async fn connect_with(database_url: &str, policy: QueuePolicy) -> Result<Arc<dyn Store>> {
     if database_url.starts_with("sqlite:") {
-        Ok(std::sync::Arc::new(SqliteStore::open(database_url).await?))
+        Ok(Arc::new(SqliteStore::open_with(database_url, policy).await?))
     } else {
         Err(StoreError::UnsupportedUrl(database_url.to_owned()))
     }
