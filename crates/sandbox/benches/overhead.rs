@@ -1,0 +1,127 @@
+//! Per-call overhead of the sandbox, measured as spawn-to-exit of `true`.
+//!
+//! Rows: a plain process spawn, a bare `bwrap --unshare-all` with /usr
+//! mounted, the unsandboxed executor, and the full `Bwrap::run` (uid drop,
+//! rlimits, cgroups, seccomp, output capture, cleanup). Iterations are
+//! interleaved so machine noise hits all rows alike.
+//!
+//! Run: `cargo bench -p tinyfat-sandbox --bench overhead` (as root, with
+//! bubblewrap installed). `TINYFAT_BENCH_N` sets the iterations (default 300).
+
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use tinyfat_sandbox::{Bwrap, ExecRequest, SandboxConfig, ToolExecutor, Unsandboxed};
+
+fn main() {
+    let n: usize = std::env::var("TINYFAT_BENCH_N").ok().and_then(|v| v.parse().ok()).unwrap_or(300);
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+    let config = SandboxConfig::default();
+    let bwrap = Bwrap::new(&config);
+    let health = rt.block_on(bwrap.check());
+    assert!(health.ok, "sandbox not usable here: {health:?}");
+    let lean = Bwrap::new(&SandboxConfig { per_call_cgroups: false, ..SandboxConfig::default() });
+    let none = Unsandboxed::new(config.limits.clone());
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("config.json"), "{}").unwrap();
+
+    let plain = || {
+        let s = Command::new("/bin/true").stdout(Stdio::null()).status().unwrap();
+        assert!(s.success());
+    };
+    let bare = || {
+        let s = Command::new("bwrap")
+            .args(["--unshare-all", "--ro-bind", "/usr", "/usr"])
+            .args(["--symlink", "usr/bin", "/bin", "--symlink", "usr/lib", "/lib", "--symlink", "usr/lib64", "/lib64"])
+            .args(["--proc", "/proc", "--dev", "/dev", "--", "/bin/true"])
+            .stdout(Stdio::null())
+            .status()
+            .unwrap();
+        assert!(s.success());
+    };
+    let full = || {
+        let out = rt.block_on(bwrap.run(ExecRequest::new(dir.path(), "true"))).unwrap();
+        assert!(out.success(), "{out:?}");
+    };
+    let full_lean = || {
+        let out = rt.block_on(lean.run(ExecRequest::new(dir.path(), "true"))).unwrap();
+        assert!(out.success(), "{out:?}");
+    };
+    let bare_bash = || {
+        let s = Command::new("bwrap")
+            .args(["--unshare-all", "--ro-bind", "/usr", "/usr"])
+            .args(["--symlink", "usr/bin", "/bin", "--symlink", "usr/lib", "/lib", "--symlink", "usr/lib64", "/lib64"])
+            .args(["--proc", "/proc", "--dev", "/dev", "--", "/bin/bash", "-c", "true"])
+            .stdout(Stdio::null())
+            .status()
+            .unwrap();
+        assert!(s.success());
+    };
+    let unsandboxed = || {
+        let out = rt.block_on(none.run(ExecRequest::new(dir.path(), "true"))).unwrap();
+        assert!(out.success(), "{out:?}");
+    };
+    let rows: [(&str, &dyn Fn()); 6] = [
+        ("spawn /bin/true", &plain),
+        ("bare bwrap --unshare-all true", &bare),
+        ("bare bwrap --unshare-all bash -c true", &bare_bash),
+        ("Unsandboxed::run(\"true\")", &unsandboxed),
+        ("Bwrap::run(\"true\"), no cgroups", &full_lean),
+        ("Bwrap::run(\"true\") (full sandbox)", &full),
+    ];
+    for (_, f) in &rows {
+        for _ in 0..10 {
+            f();
+        }
+    }
+    let mut samples: Vec<Vec<Duration>> = vec![Vec::with_capacity(n); rows.len()];
+    for _ in 0..n {
+        for (i, (_, f)) in rows.iter().enumerate() {
+            let t = Instant::now();
+            f();
+            samples[i].push(t.elapsed());
+        }
+    }
+    println!("per-call overhead, {n} interleaved iterations, ms");
+    println!("{:<38} {:>8} {:>8} {:>8}", "", "mean", "p50", "p99");
+    let mut means = Vec::new();
+    for ((name, _), s) in rows.iter().zip(samples.iter_mut()) {
+        s.sort();
+        let ms = |d: Duration| d.as_secs_f64() * 1000.0;
+        let mean = s.iter().map(|d| ms(*d)).sum::<f64>() / s.len() as f64;
+        let p = |q: f64| ms(s[((s.len() as f64 - 1.0) * q).round() as usize]);
+        println!("{name:<38} {mean:>8.2} {:>8.2} {:>8.2}", p(0.5), p(0.99));
+        means.push((mean, p(0.5)));
+    }
+    // Network on (pasta + policy rules) is rarer and slower: a few samples.
+    let net_n = (n / 10).max(5);
+    let mut net: Vec<Duration> = Vec::new();
+    for _ in 0..net_n {
+        let t = Instant::now();
+        match rt.block_on(bwrap.run(ExecRequest::new(dir.path(), "true").network(tinyfat_sandbox::Network::On))) {
+            Ok(out) if out.success() => net.push(t.elapsed()),
+            other => {
+                println!("network-on not measured: {other:?}");
+                break;
+            }
+        }
+    }
+    if !net.is_empty() {
+        net.sort();
+        let mean = net.iter().map(|d| d.as_secs_f64() * 1000.0).sum::<f64>() / net.len() as f64;
+        println!(
+            "{:<38} {mean:>8.2} {:>8.2}   ({} samples)",
+            "Bwrap::run(\"true\"), network on",
+            net[net.len() / 2].as_secs_f64() * 1000.0,
+            net.len()
+        );
+    }
+    for (name, i) in [("full sandbox", 5), ("full sandbox, no cgroups", 4)] {
+        println!(
+            "{name} / bare bwrap true: {:.2}x (mean), {:.2}x (p50); / bare bwrap bash -c true: {:.2}x (mean)",
+            means[i].0 / means[1].0,
+            means[i].1 / means[1].1,
+            means[i].0 / means[2].0,
+        );
+    }
+}
