@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 use tinyfat_core::message::{ContentBlock, Message, Role};
 use tinyfat_core::session::{RecordBody, SessionId};
 use tinyfat_core::{AgentConfig, AgentId, Secret};
-use tinyfat_model::{CancelToken, ClientOptions, HttpClient, ModelClient, ProviderCredentials};
+use tinyfat_model::{CancelToken, ClientOptions, HttpClient, ProviderCredentials};
 use tinyfat_runtime::session::SessionLog;
 use tinyfat_runtime::{Conversation, Identity, InboundMessage, Turn, TurnInput, TurnLimits};
 use tinyfat_sandbox::SandboxConfig;
@@ -39,21 +39,52 @@ async fn main() {
     let tmp = tempfile::tempdir().unwrap();
     let storage = LocalStorage::new(tmp.path().join("storage"));
     let ws = storage.create(&AgentId::from_ulid(ulid::Ulid::new())).await.unwrap();
-    ws.dir.write_atomic(&validate_path("config.json").unwrap(), AgentConfig::new("claude-bench").to_pretty_json().as_bytes()).unwrap();
+    ws.dir
+        .write_atomic(
+            &validate_path("config.json").unwrap(),
+            AgentConfig::new("claude-bench").to_pretty_json().as_bytes(),
+        )
+        .unwrap();
     ws.dir.write_atomic(&validate_path("MEMORY.md").unwrap(), b"# Memory\n").unwrap();
 
     // A 10,000-record session: user text, assistant tool_use, tool_result, assistant text.
     let session = SessionId::parse("cli-big").unwrap();
-    let mut log = SessionLog::load(&ws.dir, &session).unwrap();
     let mut lines = String::new();
     for i in 0..10_000u64 {
         let message = match i % 4 {
-            0 => Message::user_text(format!("[2026-11-25 10:00 UTC] [cli] [ann]: question number {i} about the quarterly report")),
-            1 => Message { role: Role::Assistant, content: vec![ContentBlock::ToolUse { id: format!("t{i}"), name: "bash".into(), input: serde_json::json!({"command": "grep -r revenue /data/files | head -20"}) }] },
-            2 => Message { role: Role::User, content: vec![ContentBlock::ToolResult { tool_use_id: format!("t{}", i - 1), content: "files/q3.md: revenue grew 12% to 4.2M\n".repeat(5), is_error: false }] },
-            _ => Message::assistant_text("Revenue grew 12% in Q3 to 4.2M; the main driver was the new subscription tier.".to_owned()),
+            0 => Message::user_text(format!(
+                "[2026-11-25 10:00 UTC] [cli] [ann]: question number {i} about the quarterly report"
+            )),
+            1 => Message {
+                role: Role::Assistant,
+                content: vec![ContentBlock::ToolUse {
+                    id: format!("t{i}"),
+                    name: "bash".into(),
+                    input: serde_json::json!({"command": "grep -r revenue /data/files | head -20"}),
+                }],
+            },
+            2 => Message {
+                role: Role::User,
+                content: vec![ContentBlock::ToolResult {
+                    tool_use_id: format!("t{}", i - 1),
+                    content: "files/q3.md: revenue grew 12% to 4.2M\n".repeat(5),
+                    is_error: false,
+                }],
+            },
+            _ => Message::assistant_text(
+                "Revenue grew 12% in Q3 to 4.2M; the main driver was the new subscription tier.".to_owned(),
+            ),
         };
-        let record = tinyfat_core::session::SessionRecord { id: i + 1, ts: "2026-11-25T10:00:00.000Z".into(), body: RecordBody::Message { message, channel: Some("cli".into()), usage: None, job: Some(format!("job{}", i / 4)) } };
+        let record = tinyfat_core::session::SessionRecord {
+            id: i + 1,
+            ts: "2026-11-25T10:00:00.000Z".into(),
+            body: RecordBody::Message {
+                message,
+                channel: Some("cli".into()),
+                usage: None,
+                job: Some(format!("job{}", i / 4)),
+            },
+        };
         lines.push_str(&serde_json::to_string(&record).unwrap());
         lines.push('\n');
     }
@@ -62,7 +93,7 @@ async fn main() {
     let mut samples = Vec::new();
     for _ in 0..30 {
         let started = Instant::now();
-        log = SessionLog::load(&ws.dir, &session).unwrap();
+        let log = SessionLog::load(&ws.dir, &session).unwrap();
         let view = log.model_view();
         samples.push(started.elapsed());
         assert_eq!(view.len(), 10_000);
@@ -71,7 +102,11 @@ async fn main() {
 
     let fake = FakeModel::start().await;
     fake.set_fallback(Script::text("ok"));
-    let creds = ProviderCredentials { anthropic_key: Some(Secret::new("k")), anthropic_base_url: Some(fake.base_url()), ..Default::default() };
+    let creds = ProviderCredentials {
+        anthropic_key: Some(Secret::new("k")),
+        anthropic_base_url: Some(fake.base_url()),
+        ..Default::default()
+    };
     let http = HttpClient::new(ClientOptions::default()).unwrap();
     let client = tinyfat_model::build_client("claude-bench", &creds, &http).unwrap();
     let executor = tinyfat_sandbox::build_executor(&SandboxConfig::default());
@@ -94,7 +129,13 @@ async fn main() {
     let input = |job: String, session: &str| TurnInput {
         session: SessionId::parse(session).unwrap(),
         job_id: job,
-        messages: vec![InboundMessage { channel: "cli".into(), sender: "ann".into(), text: "hi".into(), received_at: chrono::Utc::now(), untrusted: vec![] }],
+        messages: vec![InboundMessage {
+            channel: "cli".into(),
+            sender: "ann".into(),
+            text: "hi".into(),
+            received_at: chrono::Utc::now(),
+            untrusted: vec![],
+        }],
         conversation: Some(Conversation { channel: "cli".into(), to: None }),
         message_jobs: vec![],
     };
@@ -102,7 +143,14 @@ async fn main() {
     // Baseline: the bare model call over loopback HTTP to the instant fake.
     let mut samples = Vec::new();
     for _ in 0..200 {
-        let request = tinyfat_model::ModelRequest { model: "claude-bench".into(), system_static: "s".into(), system_dynamic: "d".into(), messages: vec![Message::user_text("hi")], tools: vec![], max_tokens: 100 };
+        let request = tinyfat_model::ModelRequest {
+            model: "claude-bench".into(),
+            system_static: "s".into(),
+            system_dynamic: "d".into(),
+            messages: vec![Message::user_text("hi")],
+            tools: vec![],
+            max_tokens: 100,
+        };
         let started = Instant::now();
         client.stream(&request, &CancelToken::new(), &mut |_| {}).await.unwrap();
         samples.push(started.elapsed());

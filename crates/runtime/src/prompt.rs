@@ -176,7 +176,10 @@ mod tests {
             }],
         };
         let wrapped = wrap_user_message(&message, "Europe/Vienna");
-        assert!(wrapped.starts_with("[2026-07-01 14:00 CEST (Wed)] [email] [ann@x.org]: what does this say?"), "{wrapped}");
+        assert!(
+            wrapped.starts_with("[2026-07-01 14:00 CEST (Wed)] [email] [ann@x.org]: what does this say?"),
+            "{wrapped}"
+        );
         assert_eq!(wrapped.matches("</untrusted-data>").count(), 1, "{wrapped}");
         assert!(wrapped.ends_with("</untrusted-data>"));
         assert!(format_time(at, "Not/AZone").contains("UTC"));

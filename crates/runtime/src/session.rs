@@ -106,7 +106,12 @@ impl SessionLog {
 
     /// The model view of the live records before `index` (for compaction).
     pub fn model_view_before(&self, index: usize) -> Vec<Message> {
-        let view = SessionLog { path: self.path.clone(), records: self.records[..index].to_vec(), skipped_lines: 0, torn_tail: false };
+        let view = SessionLog {
+            path: self.path.clone(),
+            records: self.records[..index].to_vec(),
+            skipped_lines: 0,
+            torn_tail: false,
+        };
         view.model_view()
     }
 
@@ -235,7 +240,11 @@ pub fn sanitize(messages: Vec<Message>) -> Vec<Message> {
 
 fn synthetic_results(ids: &[String]) -> Vec<ContentBlock> {
     ids.iter()
-        .map(|id| ContentBlock::ToolResult { tool_use_id: id.clone(), content: INTERRUPTED_RESULT.into(), is_error: true })
+        .map(|id| ContentBlock::ToolResult {
+            tool_use_id: id.clone(),
+            content: INTERRUPTED_RESULT.into(),
+            is_error: true,
+        })
         .collect()
 }
 
@@ -280,13 +289,17 @@ mod tests {
             for b in &m.content {
                 if let ContentBlock::ToolUse { id, .. } = b {
                     let next = messages.get(i + 1).expect("a tool_use is followed by its result");
-                    assert!(next.content.iter().any(
-                        |r| matches!(r, ContentBlock::ToolResult { tool_use_id, .. } if tool_use_id == id)
-                    ));
+                    assert!(
+                        next.content
+                            .iter()
+                            .any(|r| matches!(r, ContentBlock::ToolResult { tool_use_id, .. } if tool_use_id == id))
+                    );
                 }
                 if let ContentBlock::ToolResult { tool_use_id, .. } = b {
                     let prev = &messages[i - 1];
-                    assert!(prev.content.iter().any(|u| matches!(u, ContentBlock::ToolUse { id, .. } if id == tool_use_id)));
+                    assert!(
+                        prev.content.iter().any(|u| matches!(u, ContentBlock::ToolUse { id, .. } if id == tool_use_id))
+                    );
                 }
             }
         }

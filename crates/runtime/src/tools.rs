@@ -68,8 +68,8 @@ pub fn specs() -> Vec<ToolSpec> {
         },
         ToolSpec {
             name: "read".into(),
-            description: "Read a text file in /data. Use offset (first line, 1-based) and limit (lines) for long files."
-                .into(),
+            description:
+                "Read a text file in /data. Use offset (first line, 1-based) and limit (lines) for long files.".into(),
             input_schema: json!({
                 "type": "object",
                 "properties": {
@@ -221,7 +221,10 @@ fn read(ctx: &ToolContext<'_>, input: &Value) -> Result<ToolOutcome, String> {
     let path = path_field(input)?;
     let bytes = ctx.dir.read(&path, FILE_BYTES_MAX).map_err(file_error)?;
     if bytes.iter().take(8192).any(|&b| b == 0) {
-        return Ok(ToolOutcome::error(format!("{path} is a binary file ({} bytes); use bash to inspect it", bytes.len())));
+        return Ok(ToolOutcome::error(format!(
+            "{path} is a binary file ({} bytes); use bash to inspect it",
+            bytes.len()
+        )));
     }
     let text = String::from_utf8_lossy(&bytes);
     let offset = input.get("offset").and_then(Value::as_u64).unwrap_or(1).max(1) as usize;
@@ -234,7 +237,10 @@ fn read(ctx: &ToolContext<'_>, input: &Value) -> Result<ToolOutcome, String> {
     let shown_end = offset - 1 + selected.len();
     let mut out = truncate(&selected.join("\n"));
     if shown_end < total && !out.contains("[output truncated") {
-        out.push_str(&format!("\n[showing lines {offset}-{shown_end} of {total}; read more with offset={}]", shown_end + 1));
+        out.push_str(&format!(
+            "\n[showing lines {offset}-{shown_end} of {total}; read more with offset={}]",
+            shown_end + 1
+        ));
     }
     Ok(ToolOutcome::ok(out))
 }
@@ -335,7 +341,11 @@ mod tests {
         let many: String = (0..5000).map(|i| format!("{i}\n")).collect();
         let out = truncate(&many);
         assert!(out.lines().count() <= OUTPUT_LINES_MAX + 1);
-        assert!(out.ends_with("[output truncated: showed 2000 of 5000 lines, 8889 of 23890 bytes]"), "{}", &out[out.len() - 80..]);
+        assert!(
+            out.ends_with("[output truncated: showed 2000 of 5000 lines, 8889 of 23890 bytes]"),
+            "{}",
+            &out[out.len() - 80..]
+        );
         let wide = "é".repeat(40_000);
         let out = truncate(&wide);
         assert!(out.len() <= OUTPUT_BYTES_MAX + 100);

@@ -64,10 +64,20 @@ impl Default for TurnLimits {
 #[derive(Clone, Debug, PartialEq)]
 pub enum TurnEvent {
     TextDelta(String),
-    ToolCall { id: String, name: String, input: Value },
-    ToolResult { id: String, output: String, is_error: bool },
+    ToolCall {
+        id: String,
+        name: String,
+        input: Value,
+    },
+    ToolResult {
+        id: String,
+        output: String,
+        is_error: bool,
+    },
     /// The model call is being retried; text streamed since the last restart is void.
-    Restart { reason: String },
+    Restart {
+        reason: String,
+    },
 }
 
 pub type TurnSink<'a> = dyn FnMut(TurnEvent) + Send + 'a;
@@ -250,7 +260,11 @@ impl Turn<'_> {
                 })
                 .collect();
             if uses.is_empty() {
-                let end = if response.stop_reason == StopReason::MaxTokens { TurnEnd::OutputLimit } else { TurnEnd::Completed };
+                let end = if response.stop_reason == StopReason::MaxTokens {
+                    TurnEnd::OutputLimit
+                } else {
+                    TurnEnd::Completed
+                };
                 let reply = if answered_here { None } else { filter_reply(&message.text()) };
                 return Ok(TurnOutcome { reply, outbound, usage, end, model_changed: None, tool_calls });
             }
@@ -270,7 +284,10 @@ impl Turn<'_> {
                     ("not run: the user stopped the turn".to_owned(), true)
                 } else if tool_calls >= self.limits.tool_calls_max {
                     limit_hit = true;
-                    (format!("not run: the limit of {} tool calls per turn was reached", self.limits.tool_calls_max), true)
+                    (
+                        format!("not run: the limit of {} tool calls per turn was reached", self.limits.tool_calls_max),
+                        true,
+                    )
                 } else {
                     tool_calls += 1;
                     sink(TurnEvent::ToolCall { id: id.clone(), name: name.clone(), input: tool_input.clone() });
@@ -302,7 +319,13 @@ impl Turn<'_> {
         }
     }
 
-    fn limit_reached(&self, end: TurnEnd, usage: Usage, outbound: Vec<OutboundMessage>, tool_calls: u32) -> TurnOutcome {
+    fn limit_reached(
+        &self,
+        end: TurnEnd,
+        usage: Usage,
+        outbound: Vec<OutboundMessage>,
+        tool_calls: u32,
+    ) -> TurnOutcome {
         let reply = match end {
             TurnEnd::ToolCallLimit => format!(
                 "I stopped after {} tool calls, the limit for one turn. Tell me to continue if you want me to go on.",
@@ -324,8 +347,19 @@ impl Turn<'_> {
         outbound: Vec<OutboundMessage>,
         tool_calls: u32,
     ) -> Result<TurnOutcome, TurnError> {
-        log.append(&self.workspace.dir, self.ts(), RecordBody::Meta { event: META_STOP.into(), detail: Some(input.job_id.clone()) })?;
-        Ok(TurnOutcome { reply: Some(STOPPED_REPLY.into()), outbound, usage, end: TurnEnd::Stopped, model_changed: None, tool_calls })
+        log.append(
+            &self.workspace.dir,
+            self.ts(),
+            RecordBody::Meta { event: META_STOP.into(), detail: Some(input.job_id.clone()) },
+        )?;
+        Ok(TurnOutcome {
+            reply: Some(STOPPED_REPLY.into()),
+            outbound,
+            usage,
+            end: TurnEnd::Stopped,
+            model_changed: None,
+            tool_calls,
+        })
     }
 
     async fn command(
@@ -339,7 +373,11 @@ impl Turn<'_> {
         let reply = match command {
             Command::Stop => "Nothing is running.".to_owned(),
             Command::Clear => {
-                log.append(dir, self.ts(), RecordBody::Meta { event: crate::session::META_CLEAR.into(), detail: None })?;
+                log.append(
+                    dir,
+                    self.ts(),
+                    RecordBody::Meta { event: crate::session::META_CLEAR.into(), detail: None },
+                )?;
                 "Cleared. This conversation starts fresh; my memory (MEMORY.md) is kept.".to_owned()
             }
             Command::Compact => match crate::compaction::compact(self, log, &input.job_id).await? {
@@ -364,7 +402,11 @@ impl Turn<'_> {
                 let mut config = self.config.clone();
                 config.model = name.clone();
                 dir.write_atomic(&crate::config_path(), config.to_pretty_json().as_bytes())?;
-                log.append(dir, self.ts(), RecordBody::Meta { event: crate::session::META_MODEL.into(), detail: Some(name.clone()) })?;
+                log.append(
+                    dir,
+                    self.ts(),
+                    RecordBody::Meta { event: crate::session::META_MODEL.into(), detail: Some(name.clone()) },
+                )?;
                 let mut outcome = self.outcome(Some(format!("The model is now {name}.")), TurnEnd::Command);
                 outcome.model_changed = Some(name);
                 return Ok(outcome);

@@ -11,7 +11,9 @@ use tinyfat_core::session::{RecordBody, SessionId, SessionRecord};
 use tinyfat_core::{AgentConfig, AgentId, Secret};
 use tinyfat_model::{CancelToken, ClientOptions, HttpClient, ModelClient, ModelError, ProviderCredentials};
 use tinyfat_runtime::session::INTERRUPTED_RESULT;
-use tinyfat_runtime::{Conversation, Identity, InboundMessage, Turn, TurnEnd, TurnError, TurnEvent, TurnInput, TurnLimits};
+use tinyfat_runtime::{
+    Conversation, Identity, InboundMessage, Turn, TurnEnd, TurnError, TurnEvent, TurnInput, TurnLimits,
+};
 use tinyfat_sandbox::{SandboxConfig, ToolExecutor};
 use tinyfat_storage::{AgentStorage, LocalStorage, Workspace, validate_path};
 use tinyfat_testkit::{FakeModel, Script};
@@ -29,7 +31,12 @@ async fn env() -> Env {
     let storage = LocalStorage::new(tmp.path().join("storage"));
     let ws = storage.create(&AgentId::from_ulid(ulid::Ulid::new())).await.unwrap();
     ws.dir.write_atomic(&validate_path("MEMORY.md").unwrap(), b"# Memory\n- Ann likes tea\n").unwrap();
-    ws.dir.write_atomic(&validate_path("config.json").unwrap(), AgentConfig::new("claude-test").to_pretty_json().as_bytes()).unwrap();
+    ws.dir
+        .write_atomic(
+            &validate_path("config.json").unwrap(),
+            AgentConfig::new("claude-test").to_pretty_json().as_bytes(),
+        )
+        .unwrap();
     let fake = FakeModel::start().await;
     let creds = ProviderCredentials {
         anthropic_key: Some(Secret::new("sk-test")),
@@ -98,18 +105,37 @@ async fn text_turn_streams_records_and_accounts_usage() {
         cache_read_input_tokens: 20,
     }));
     let events = Arc::new(Mutex::new(Vec::new()));
-    let outcome = turn(&env, TurnLimits::default()).run(input("job1", "hi there"), &mut events_sink(&events)).await.unwrap();
+    let outcome =
+        turn(&env, TurnLimits::default()).run(input("job1", "hi there"), &mut events_sink(&events)).await.unwrap();
     assert_eq!(outcome.reply.as_deref(), Some("Hello Ann"));
     assert_eq!(outcome.end, TurnEnd::Completed);
-    assert_eq!((outcome.usage.input_tokens, outcome.usage.output_tokens, outcome.usage.cache_creation_input_tokens, outcome.usage.cache_read_input_tokens), (100, 7, 50, 20));
-    let deltas: String = events.lock().unwrap().iter().filter_map(|e| match e { TurnEvent::TextDelta(t) => Some(t.as_str()), _ => None }).collect();
+    assert_eq!(
+        (
+            outcome.usage.input_tokens,
+            outcome.usage.output_tokens,
+            outcome.usage.cache_creation_input_tokens,
+            outcome.usage.cache_read_input_tokens
+        ),
+        (100, 7, 50, 20)
+    );
+    let deltas: String = events
+        .lock()
+        .unwrap()
+        .iter()
+        .filter_map(|e| match e {
+            TurnEvent::TextDelta(t) => Some(t.as_str()),
+            _ => None,
+        })
+        .collect();
     assert_eq!(deltas, "Hello Ann");
 
     let recs = records(&env);
     assert_eq!(recs.len(), 2);
     assert_eq!(recs.iter().map(|r| r.id).collect::<Vec<_>>(), [1, 2]);
     match &recs[1].body {
-        RecordBody::Message { usage: Some(u), job: Some(j), .. } => assert_eq!((u.output_tokens, j.as_str()), (7, "job1")),
+        RecordBody::Message { usage: Some(u), job: Some(j), .. } => {
+            assert_eq!((u.output_tokens, j.as_str()), (7, "job1"))
+        }
         other => panic!("{other:?}"),
     }
     let request = &env.fake.requests()[0];
@@ -138,13 +164,18 @@ async fn static_prompt_is_byte_identical_across_turns_and_memory_is_reread() {
 async fn tool_calls_run_in_the_sandbox_and_results_feed_back() {
     let env = env().await;
     env.fake.push_all([
-        Script::tool_call("t1", "bash", &["{\"command\":", " \"mkdir -p files && echo hi > /data/files/x.txt && cat /data/files/x.txt\"}"]),
+        Script::tool_call(
+            "t1",
+            "bash",
+            &["{\"command\":", " \"mkdir -p files && echo hi > /data/files/x.txt && cat /data/files/x.txt\"}"],
+        ),
         Script::tool_call("t2", "write", &["{\"path\":\"config.json\",\"content\":\"{}\"}"]),
         Script::tool_call("t3", "edit", &["{\"path\":\"MEMORY.md\",\"old_text\":\"tea\",\"new_text\":\"coffee\"}"]),
         Script::text("done"),
     ]);
     let events = Arc::new(Mutex::new(Vec::new()));
-    let outcome = turn(&env, TurnLimits::default()).run(input("j1", "do things"), &mut events_sink(&events)).await.unwrap();
+    let outcome =
+        turn(&env, TurnLimits::default()).run(input("j1", "do things"), &mut events_sink(&events)).await.unwrap();
     assert_eq!(outcome.reply.as_deref(), Some("done"));
     assert_eq!(outcome.tool_calls, 3);
     assert_eq!(env.ws.dir.read_string(&validate_path("files/x.txt").unwrap(), 100).unwrap(), "hi\n");
@@ -152,14 +183,25 @@ async fn tool_calls_run_in_the_sandbox_and_results_feed_back() {
     assert!(env.ws.dir.read_string(&validate_path("config.json").unwrap(), 1000).unwrap().contains("claude-test"));
 
     let events = events.lock().unwrap();
-    let results: Vec<_> = events.iter().filter_map(|e| match e { TurnEvent::ToolResult { id, output, is_error } => Some((id.clone(), output.clone(), *is_error)), _ => None }).collect();
+    let results: Vec<_> = events
+        .iter()
+        .filter_map(|e| match e {
+            TurnEvent::ToolResult { id, output, is_error } => Some((id.clone(), output.clone(), *is_error)),
+            _ => None,
+        })
+        .collect();
     assert_eq!(results[0], ("t1".into(), "hi\n".into(), false));
     assert!(results[1].2 && results[1].1.contains("read-only"), "{:?}", results[1]);
     assert!(!results[2].2);
-    assert!(matches!(&events[0], TurnEvent::ToolCall { name, input, .. } if name == "bash" && input["command"].as_str().unwrap().starts_with("mkdir -p files")));
+    assert!(
+        matches!(&events[0], TurnEvent::ToolCall { name, input, .. } if name == "bash" && input["command"].as_str().unwrap().starts_with("mkdir -p files"))
+    );
     // The second request carries the assembled tool_use and its result.
     let messages = sent_messages(&env, 1);
-    assert_eq!(messages[1]["content"].as_array().unwrap().last().unwrap()["input"]["command"], "mkdir -p files && echo hi > /data/files/x.txt && cat /data/files/x.txt");
+    assert_eq!(
+        messages[1]["content"].as_array().unwrap().last().unwrap()["input"]["command"],
+        "mkdir -p files && echo hi > /data/files/x.txt && cat /data/files/x.txt"
+    );
     assert_eq!(messages[2]["content"][0]["type"], "tool_result");
     assert_eq!(messages[2]["content"][0]["content"], "hi\n");
 }
@@ -168,7 +210,9 @@ async fn tool_calls_run_in_the_sandbox_and_results_feed_back() {
 async fn a_retried_job_resumes_from_the_session_file() {
     let env = env().await;
     // The first attempt died after the model asked for a tool, before its result.
-    env.fake.push(Script::tool_call("t1", "bash", &["{\"command\":\"sleep 30\"}"]).with_chunk_delay(Duration::from_millis(1)));
+    env.fake.push(
+        Script::tool_call("t1", "bash", &["{\"command\":\"sleep 30\"}"]).with_chunk_delay(Duration::from_millis(1)),
+    );
     let t = turn(&env, TurnLimits::default());
     let _ = tokio::time::timeout(Duration::from_millis(1500), t.run(input("job7", "long task"), &mut |_| {})).await;
     let before = records(&env);
@@ -200,7 +244,11 @@ async fn reply_rules_no_reply_and_send_message() {
 
     env.fake.push_all([
         Script::tool_call("t9", "send_message", &["{\"channel\":\"cli\",\"text\":\"answered via tool\"}"]),
-        Script::tool_call("t10", "send_message", &["{\"channel\":\"email\",\"to\":\"bob@x.org\",\"text\":\"hello bob\"}"]),
+        Script::tool_call(
+            "t10",
+            "send_message",
+            &["{\"channel\":\"email\",\"to\":\"bob@x.org\",\"text\":\"hello bob\"}"],
+        ),
         Script::text("final text"),
     ]);
     let outcome = turn(&env, TurnLimits::default()).run(input("j2", "tell bob"), &mut |_| {}).await.unwrap();
@@ -269,7 +317,9 @@ async fn provider_errors_carry_their_decision() {
     env.fake.push(Script::unauthorized());
     let err = turn(&env, TurnLimits::default()).run(input("j1", "hi"), &mut |_| {}).await.unwrap_err();
     match err {
-        TurnError::Model(ModelError::Permanent { message }) => assert!(message.contains("anthropic_api_key"), "{message}"),
+        TurnError::Model(ModelError::Permanent { message }) => {
+            assert!(message.contains("anthropic_api_key"), "{message}")
+        }
         other => panic!("{other:?}"),
     }
     env.fake.push(Script::server_error());
@@ -290,9 +340,11 @@ async fn commands_clear_model_status() {
 
     let status = turn(&env, TurnLimits::default()).run(input("j4", "/status"), &mut |_| {}).await.unwrap();
     assert!(status.reply.unwrap().contains("claude-test"));
-    let changed = turn(&env, TurnLimits::default()).run(input("j5", "/model openai:gpt-4o"), &mut |_| {}).await.unwrap();
+    let changed =
+        turn(&env, TurnLimits::default()).run(input("j5", "/model openai:gpt-4o"), &mut |_| {}).await.unwrap();
     assert_eq!(changed.model_changed.as_deref(), Some("openai:gpt-4o"));
-    let config: Value = serde_json::from_str(&env.ws.dir.read_string(&validate_path("config.json").unwrap(), 1000).unwrap()).unwrap();
+    let config: Value =
+        serde_json::from_str(&env.ws.dir.read_string(&validate_path("config.json").unwrap(), 1000).unwrap()).unwrap();
     assert_eq!(config["model"], "openai:gpt-4o");
     let bad = turn(&env, TurnLimits::default()).run(input("j6", "/model gpt-nonsense"), &mut |_| {}).await.unwrap_err();
     assert!(bad.to_string().contains("unknown model provider"), "{bad}");
@@ -305,7 +357,10 @@ async fn compaction_summarises_old_turns_when_the_window_fills() {
     let filler = "lorem ipsum ".repeat(100);
     for i in 0..6 {
         env.fake.push(Script::text(format!("answer {i} {filler}")));
-        turn(&env, TurnLimits::default()).run(input(&format!("j{i}"), &format!("question {i} {filler}")), &mut |_| {}).await.unwrap();
+        turn(&env, TurnLimits::default())
+            .run(input(&format!("j{i}"), &format!("question {i} {filler}")), &mut |_| {})
+            .await
+            .unwrap();
     }
     // A small window forces compaction before the next model call.
     env.fake.push_all([Script::text("SUMMARY: six questions about lorem ipsum"), Script::text("fresh answer")]);
@@ -313,7 +368,13 @@ async fn compaction_summarises_old_turns_when_the_window_fills() {
     let outcome = turn(&env, limits).run(input("j9", "next question"), &mut |_| {}).await.unwrap();
     assert_eq!(outcome.reply.as_deref(), Some("fresh answer"));
     let recs = records(&env);
-    let compaction = recs.iter().find_map(|r| match &r.body { RecordBody::Compaction { summary, replaces_through } => Some((summary.clone(), *replaces_through)), _ => None }).expect("a compaction record");
+    let compaction = recs
+        .iter()
+        .find_map(|r| match &r.body {
+            RecordBody::Compaction { summary, replaces_through } => Some((summary.clone(), *replaces_through)),
+            _ => None,
+        })
+        .expect("a compaction record");
     assert!(compaction.0.contains("SUMMARY"));
     let requests = env.fake.requests();
     let summary_request = &requests[requests.len() - 2];
