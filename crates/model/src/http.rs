@@ -202,6 +202,16 @@ fn chain(err: &(dyn std::error::Error + 'static)) -> String {
 }
 
 pub(crate) fn transport_error(provider: Provider, err: reqwest::Error) -> ModelError {
+    if err.is_builder() {
+        // A malformed base URL: retrying cannot help, the configuration must change.
+        return ModelError::Permanent {
+            message: format!(
+                "the {provider} base URL is not a valid http(s) URL ({}); check model.{}_base_url",
+                chain(&err.without_url()),
+                if provider == Provider::Anthropic { "anthropic" } else { "openai" }
+            ),
+        };
+    }
     let what = if err.is_timeout() {
         "timed out"
     } else if err.is_connect() {

@@ -38,6 +38,10 @@ const SECTIONS: [&str; 12] = [
     "storage",
 ];
 
+/// `TINYFAT_*` variables read elsewhere: the log filter, the single-agent
+/// name, the S3 endpoint alias (handled above), the data folder flag's env.
+const NOT_SETTINGS: [&str; 3] = ["log", "agent", "s3_endpoint"];
+
 /// Provider variables that are read as aliases of a key.
 const ALIASES: [(&str, &str, &str); 6] = [
     ("ANTHROPIC_API_KEY", "model", "anthropic_api_key"),
@@ -317,7 +321,8 @@ impl Settings {
         for (var, value) in &sources.env {
             let Some(rest) = var.strip_prefix("TINYFAT_") else { continue };
             let rest = rest.to_ascii_lowercase();
-            if rest == "s3_endpoint" || rest == "agent" {
+            // Variables that are not configuration keys.
+            if NOT_SETTINGS.contains(&rest.as_str()) || rest.starts_with("bench_") || rest.starts_with("test_") {
                 continue;
             }
             let (section, key) = match SECTIONS.iter().find(|s| rest.starts_with(&format!("{s}_"))) {
@@ -496,6 +501,7 @@ mod tests {
                 ("TINYFAT_DATA_DIR", "/from/env"),
                 ("ANTHROPIC_API_KEY", "sk-alias"),
                 ("UNRELATED", "x"),
+                ("TINYFAT_LOG", "debug"),
             ]),
             data_dir: Some("/from/flag".into()),
         };

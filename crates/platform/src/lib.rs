@@ -8,13 +8,28 @@
 
 pub mod clock;
 pub mod config;
+pub mod api;
+pub mod auth;
+pub mod deliver;
+pub mod dlq;
+pub mod email;
 pub mod error;
 pub mod export;
+pub mod inbound;
 pub mod keys;
+pub mod metrics;
+pub mod openapi;
 pub mod platform;
 pub mod provision;
+pub mod runs;
+pub mod scheduler;
 pub mod secrets;
 pub mod serve;
+pub mod state;
+pub mod tokens;
+pub mod turns;
+pub mod webchat;
+pub mod worker;
 
 pub use error::Error;
 pub use platform::Platform;

@@ -9,7 +9,7 @@ use std::sync::Arc;
 use anyhow::Context;
 use tinyfat_core::Cipher;
 use tinyfat_storage::AgentStorage;
-use tinyfat_store::{Agent, MetadataStore};
+use tinyfat_store::{Agent, Store};
 
 use crate::clock::{Clock, SystemClock};
 use crate::config::Settings;
@@ -18,10 +18,14 @@ use crate::error::{Error, Result};
 #[derive(Clone, Debug)]
 pub struct Platform {
     pub settings: Arc<Settings>,
-    pub store: Arc<dyn MetadataStore>,
+    pub store: Arc<dyn Store>,
     pub storage: Arc<dyn AgentStorage>,
     pub cipher: Cipher,
     pub clock: Arc<dyn Clock>,
+    /// One HTTP client (connection pool) for every model call.
+    pub http: tinyfat_model::HttpClient,
+    /// Runs every tool process (the sandbox).
+    pub executor: Arc<dyn tinyfat_sandbox::ToolExecutor>,
     /// Facts for the startup log.
     pub key_source: String,
     pub key_generated: bool,
@@ -43,12 +47,25 @@ impl Platform {
         store.migrate().await.context("database migration failed")?;
         let storage = tinyfat_storage::open(&settings.storage_url())?;
         storage.check().await.with_context(|| format!("agent storage {} is not usable", storage.describe()))?;
+        let http = tinyfat_model::HttpClient::new(tinyfat_model::ClientOptions::default())
+            .context("cannot build the HTTP client")?;
+        let sandbox = tinyfat_sandbox::SandboxConfig {
+            mode: if settings.sandbox.mode == "none" {
+                tinyfat_sandbox::SandboxMode::None
+            } else {
+                tinyfat_sandbox::SandboxMode::Bwrap
+            },
+            ..Default::default()
+        };
+        let executor = tinyfat_sandbox::build_executor(&sandbox);
         Ok(Self {
             settings: Arc::new(settings),
             store,
             storage,
             cipher: keys.cipher,
             clock: Arc::new(SystemClock),
+            http,
+            executor,
             key_source: keys.source,
             key_generated: keys.generated,
         })

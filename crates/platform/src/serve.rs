@@ -1,59 +1,167 @@
-//! `tinyfat serve`: the HTTP server on one port. This stage serves
-//! `/healthz` (liveness) and `/readyz` (readiness of the store, storage and
-//! adapters); the gateway, workers and scheduler plug in here.
+//! `tinyfat serve`: one HTTP port (gateway) plus the background roles —
+//! workers that run turns, the delivery loop and (later) the scheduler — in
+//! one process by default, or one role per process with `--role`.
+//!
+//! Startup order: the store is migrated and storage checked by
+//! `Platform::open`; the sandbox self-check runs here and is reported;
+//! `/readyz` answers 503 until every enabled part is up.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 
 use axum::Json;
 use axum::Router;
-use axum::extract::State;
+use axum::extract::{DefaultBodyLimit, State};
 use axum::http::StatusCode;
 use axum::response::IntoResponse;
-use axum::routing::get;
+use axum::routing::{get, post};
 use serde_json::json;
+use tokio::sync::watch;
 
 use crate::Platform;
+use crate::metrics::QueueGauges;
+use crate::state::AppState;
 
-#[derive(Clone, Debug)]
-struct AppState {
-    platform: Arc<Platform>,
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Role {
+    All,
+    Gateway,
+    Worker,
+    Scheduler,
 }
 
-pub fn router(platform: Arc<Platform>) -> Router {
+impl Role {
+    fn runs_gateway(self) -> bool {
+        matches!(self, Role::All | Role::Gateway)
+    }
+
+    fn runs_worker(self) -> bool {
+        matches!(self, Role::All | Role::Worker)
+    }
+}
+
+/// Readiness facts gathered at startup and by the roles.
+#[derive(Debug, Default)]
+pub struct Readiness {
+    pub sandbox: std::sync::Mutex<Option<(bool, String)>>,
+    pub started: AtomicBool,
+}
+
+#[derive(Clone, Debug)]
+struct ServeState {
+    app: AppState,
+    ready: Arc<Readiness>,
+}
+
+impl axum::extract::FromRef<ServeState> for AppState {
+    fn from_ref(s: &ServeState) -> AppState {
+        s.app.clone()
+    }
+}
+
+pub fn router(app: AppState, ready: Arc<Readiness>) -> Router {
+    let body_limit = app.platform.settings.gateway.body_bytes_max as usize;
+    let api: Router<AppState> = crate::api::api_routes()
+        .route("/api/agents/{id}/chat", post(crate::webchat::chat))
+        .route("/api/agents/{id}/runs/{request_id}/events", get(crate::webchat::run_events))
+        .merge(crate::email::routes())
+        .merge(crate::scheduler::routes());
     Router::new()
         .route("/healthz", get(|| async { "ok" }))
         .route("/readyz", get(readyz))
-        .with_state(AppState { platform })
+        .route("/metrics", get(metrics))
+        .with_state(ServeState { app: app.clone(), ready })
+        .merge(api.with_state(app))
+        .layer(DefaultBodyLimit::max(body_limit))
 }
 
-async fn readyz(State(state): State<AppState>) -> impl IntoResponse {
-    let store = state.platform.store.ping().await;
-    let storage = state.platform.storage.check().await;
+async fn readyz(State(s): State<ServeState>) -> impl IntoResponse {
+    let platform = &s.app.platform;
+    let store = platform.store.ping().await.map_err(|e| e.to_string());
+    let storage = platform.storage.check().await.map_err(|e| e.to_string());
     let state_of = |r: &Result<(), String>| match r {
         Ok(()) => "ready".to_owned(),
         Err(e) => format!("error: {e}"),
     };
-    let store = store.map_err(|e| e.to_string());
-    let storage = storage.map_err(|e| e.to_string());
-    let adapters = json!({ "store": state_of(&store), "storage": state_of(&storage) });
-    let ready = store.is_ok() && storage.is_ok();
+    let sandbox = s.ready.sandbox.lock().expect("readiness lock").clone();
+    let sandbox_state = match &sandbox {
+        Some((true, message)) => format!("ready: {message}"),
+        Some((false, message)) => format!("error: {message}"),
+        None => "starting".to_owned(),
+    };
+    let started = s.ready.started.load(Ordering::SeqCst);
+    let adapters = json!({
+        "store": state_of(&store),
+        "storage": state_of(&storage),
+        "sandbox": sandbox_state,
+        "web": if started { "ready" } else { "starting" },
+    });
+    let ready = store.is_ok() && storage.is_ok() && matches!(sandbox, Some((true, _))) && started;
     let status = if ready { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE };
     (status, Json(json!({ "ready": ready, "adapters": adapters })))
 }
 
-/// Binds, logs where it listens, and serves until ctrl-c / SIGTERM.
-pub async fn serve(platform: Arc<Platform>, listen: &str) -> anyhow::Result<()> {
-    let addr: SocketAddr = listen.parse().map_err(|e| anyhow::anyhow!("invalid listen address {listen:?}: {e}"))?;
-    let listener = tokio::net::TcpListener::bind(addr)
-        .await
-        .map_err(|e| anyhow::anyhow!("cannot listen on {addr}: {e} (is another tinyfat running? try --listen)"))?;
-    let local = listener.local_addr()?;
-    tracing::info!("listening on http://{local} (health: http://{local}/healthz, readiness: http://{local}/readyz)");
-    if !local.ip().is_loopback() {
-        tracing::warn!("listening on a non-loopback address: every route except health and webhooks requires a token");
+async fn metrics(State(s): State<ServeState>) -> impl IntoResponse {
+    let platform = &s.app.platform;
+    let counts = platform.store.queue_counts(platform.now_ms()).await.unwrap_or_default();
+    let gauges = QueueGauges { queued: counts.queued, running: counts.running, dead: counts.dead };
+    ([(axum::http::header::CONTENT_TYPE, "text/plain; version=0.0.4")], s.app.metrics.render(gauges))
+}
+
+/// Runs the roles until ctrl-c / SIGTERM, then shuts down gracefully.
+pub async fn serve(platform: Arc<Platform>, listen: &str, role: Role) -> anyhow::Result<()> {
+    let app = AppState::new(platform.clone());
+    let ready = Arc::new(Readiness::default());
+    let (stop_tx, stop_rx) = watch::channel(false);
+
+    let health = platform.executor.check().await;
+    if health.ok {
+        tracing::info!("sandbox: {} ({})", health.message, health.mode.as_str());
+    } else {
+        tracing::error!("sandbox: {} — tool calls will fail until this is fixed", health.message);
     }
-    axum::serve(listener, router(platform)).with_graceful_shutdown(shutdown_signal()).await?;
+    for note in &health.notes {
+        tracing::info!("sandbox: {note}");
+    }
+    *ready.sandbox.lock().expect("readiness lock") = Some((health.ok, health.message.clone()));
+
+    let mut background = tokio::task::JoinSet::new();
+    if role.runs_worker() {
+        let config = crate::worker::WorkerConfig::default();
+        tracing::info!("worker: running up to {} turns at once (lease owner {})", config.turns_concurrent_max, config.owner);
+        background.spawn(crate::worker::run(app.clone(), config, stop_rx.clone()));
+        background.spawn(crate::deliver::run(app.clone(), stop_rx.clone()));
+    }
+    if matches!(role, Role::All | Role::Scheduler) {
+        background.spawn(crate::scheduler::run(app.clone(), stop_rx.clone()));
+    }
+    if role.runs_gateway() {
+        background.spawn(crate::email::start(app.clone(), stop_rx.clone()));
+    }
+
+    let shutdown = async move {
+        shutdown_signal().await;
+        let _ = stop_tx.send(true);
+    };
+    if role.runs_gateway() {
+        let addr: SocketAddr = listen.parse().map_err(|e| anyhow::anyhow!("invalid listen address {listen:?}: {e}"))?;
+        let listener = tokio::net::TcpListener::bind(addr)
+            .await
+            .map_err(|e| anyhow::anyhow!("cannot listen on {addr}: {e} (is another tinyfat running? try --listen)"))?;
+        let local = listener.local_addr()?;
+        tracing::info!("web chat and API: http://{local}/api (token: `tinyfat token create`)");
+        tracing::info!("listening on http://{local} (health: http://{local}/healthz, readiness: http://{local}/readyz)");
+        if !local.ip().is_loopback() {
+            tracing::warn!("listening on a non-loopback address: every route except health, metrics and webhooks requires a token");
+        }
+        ready.started.store(true, Ordering::SeqCst);
+        axum::serve(listener, router(app, ready)).with_graceful_shutdown(shutdown).await?;
+    } else {
+        ready.started.store(true, Ordering::SeqCst);
+        shutdown.await;
+    }
+    while background.join_next().await.is_some() {}
     tracing::info!("shut down");
     Ok(())
 }
@@ -65,5 +173,5 @@ async fn shutdown_signal() {
         _ = ctrl_c => {}
         _ = term.recv() => {}
     }
-    tracing::info!("shutdown requested");
+    tracing::info!("shutdown requested: no new jobs are claimed; running turns may finish");
 }

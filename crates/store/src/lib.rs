@@ -135,6 +135,7 @@ pub trait MetadataStore: Send + Sync + std::fmt::Debug {
 
     async fn upsert_user(&self, id_if_new: &str, email: &EmailAddress, now_ms: i64) -> Result<User>;
     async fn user_by_email(&self, email: &EmailAddress) -> Result<Option<User>>;
+    async fn user_by_id(&self, id: &str) -> Result<Option<User>>;
 
     /// Fails with `Conflict("agent name")` or `Conflict("agent email")`.
     async fn insert_agent(&self, agent: &NewAgent) -> Result<Agent>;

@@ -177,6 +177,14 @@ impl MetadataStore for SqliteStore {
         row.as_ref().map(user_from_row).transpose()
     }
 
+    async fn user_by_id(&self, id: &str) -> Result<Option<User>> {
+        let row = sqlx::query("SELECT id, email, created_ms FROM users WHERE id = ?")
+            .bind(id)
+            .fetch_optional(&self.pool)
+            .await?;
+        row.as_ref().map(user_from_row).transpose()
+    }
+
     async fn insert_agent(&self, agent: &NewAgent) -> Result<Agent> {
         sqlx::query("INSERT INTO agents (id, name, email, owner_id, model, created_ms) VALUES (?, ?, ?, ?, ?, ?)")
             .bind(agent.id.as_str())

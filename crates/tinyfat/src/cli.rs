@@ -58,8 +58,28 @@ pub enum Command {
     /// The master key that encrypts secrets.
     #[command(subcommand)]
     Key(KeyCommand),
+    /// Talk to an agent from the terminal; streams the reply.
+    Chat(ChatArgs),
+    /// API tokens for `Authorization: Bearer` (printed once, stored hashed).
+    #[command(subcommand)]
+    Token(crate::admin::TokenCommand),
+    /// The dead-letter queue: jobs that failed for good.
+    #[command(subcommand)]
+    Dlq(crate::admin::DlqCommand),
     /// Apply database migrations and exit.
     Migrate,
+}
+
+#[derive(Debug, Args)]
+pub struct ChatArgs {
+    /// The agent's name (or id).
+    pub name: String,
+    /// Send one message and exit (for scripts); otherwise an interactive prompt.
+    #[arg(short, long, value_name = "TEXT")]
+    pub message: Option<String>,
+    /// Session to continue [default: cli-main]; `work` means `cli-work`.
+    #[arg(long, value_name = "ID")]
+    pub session: Option<String>,
 }
 
 #[derive(Debug, Args)]
@@ -157,6 +177,11 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
             init_logging("info");
             serve(global, args).await
         }
+        Command::Chat(args) => {
+            init_logging("warn");
+            let platform = open(global).await?;
+            crate::chat::run(&platform, &args.name, args.message, args.session, global.json).await
+        }
         Command::Migrate => {
             init_logging("warn");
             let platform = open(global).await?;
@@ -174,6 +199,14 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Secret(cmd) => {
             init_logging("warn");
             secret(&open(global).await?, global.json, cmd).await
+        }
+        Command::Token(cmd) => {
+            init_logging("warn");
+            crate::admin::token(&open(global).await?, global.json, cmd).await
+        }
+        Command::Dlq(cmd) => {
+            init_logging("warn");
+            crate::admin::dlq(&open(global).await?, global.json, cmd).await
         }
         Command::Key(KeyCommand::Rotate) => {
             init_logging("warn");
@@ -210,7 +243,13 @@ async fn serve(global: &Global, args: ServeArgs) -> anyhow::Result<()> {
     }
     let agents = platform.store.list_agents(None).await?;
     tracing::info!("agents: {}", agents.len());
-    tinyfat_platform::serve::serve(Arc::new(platform), &listen).await
+    let role = match args.role {
+        Role::All => tinyfat_platform::serve::Role::All,
+        Role::Gateway => tinyfat_platform::serve::Role::Gateway,
+        Role::Worker => tinyfat_platform::serve::Role::Worker,
+        Role::Scheduler => tinyfat_platform::serve::Role::Scheduler,
+    };
+    tinyfat_platform::serve::serve(Arc::new(platform), &listen, role).await
 }
 
 fn agent_row(v: &AgentView) -> Vec<String> {

@@ -5,6 +5,8 @@
 //! Exit codes: 0 success, 1 a user error (bad input, unknown agent) or a
 //! failure, 2 a usage error (clap's own).
 
+mod admin;
+mod chat;
 mod cli;
 mod output;
 

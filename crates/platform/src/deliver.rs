@@ -1,0 +1,91 @@
+//! The delivery loop: sends what the delivery table holds. Each row was
+//! recorded with its idempotency key before any send; a row is claimed
+//! (`sending`) before its send, and a send that crashed is retried after the
+//! stale window with the same key, so the provider deduplicates it.
+//!
+//! Channels: `web` and `cli` are delivered by the stream that carried the run
+//! (a web client that reconnects reads the reply from the run replay), so
+//! their rows are marked sent at once. Other channels need their adapter;
+//! until one is configured, the row fails visibly with the reason.
+
+use std::time::Duration;
+
+use tinyfat_store::Delivery;
+use tokio::sync::watch;
+
+use crate::email::SendError;
+use crate::state::AppState;
+
+const DUE_BATCH_MAX: u32 = 100;
+const IDLE_SLEEP: Duration = Duration::from_millis(500);
+/// A row left `sending` this long was abandoned by a crashed process.
+const SENDING_STALE_MS: i64 = 60_000;
+
+pub async fn run(state: AppState, mut shutdown: watch::Receiver<bool>) {
+    loop {
+        if *shutdown.borrow() {
+            return;
+        }
+        let now = state.platform.now_ms();
+        let due = match state.platform.store.due_deliveries(now, DUE_BATCH_MAX).await {
+            Ok(due) => due,
+            Err(e) => {
+                tracing::error!(error = %e, "reading due deliveries failed");
+                Vec::new()
+            }
+        };
+        for delivery in &due {
+            deliver(&state, delivery).await;
+        }
+        if due.len() < DUE_BATCH_MAX as usize {
+            tokio::select! {
+                _ = tokio::time::sleep(IDLE_SLEEP) => {}
+                _ = state.deliveries_wake.notified() => {}
+                _ = shutdown.changed() => return,
+            }
+        }
+    }
+}
+
+async fn deliver(state: &AppState, delivery: &Delivery) {
+    let store = &state.platform.store;
+    let now = state.platform.now_ms();
+    // Web and terminal rows have no external side effect to protect from a
+    // double send: a row a crash left `sending` is reclaimed at once.
+    let stale_ms = if matches!(delivery.channel.as_str(), "web" | "cli") { 1 } else { SENDING_STALE_MS };
+    match store.mark_delivery_sending(&delivery.id, now, stale_ms).await {
+        Ok(true) => {}
+        Ok(false) => return,
+        Err(e) => {
+            tracing::error!(error = %e, delivery = %delivery.id, "claiming a delivery failed");
+            return;
+        }
+    }
+    let sent = match delivery.channel.as_str() {
+        "web" | "cli" => Ok(None),
+        "email" => crate::email::send(state, delivery).await,
+        other => Err(SendError::Permanent(format!("no {other} adapter is configured on this server"))),
+    };
+    let now = state.platform.now_ms();
+    match sent {
+        Ok(provider_id) => {
+            let _ = store.mark_delivery_sent(&delivery.id, provider_id.as_deref(), now).await;
+            state.metrics.deliveries_sent_total.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        }
+        Err(SendError::Transient { error, retry_after_ms }) => {
+            let backoff = retry_after_ms.unwrap_or_else(|| retry_backoff_ms(delivery.attempts));
+            tracing::warn!(delivery = %delivery.id, channel = %delivery.channel, error = %error, retry_in_ms = backoff, "delivery failed; will retry");
+            let _ = store.mark_delivery_failed(&delivery.id, &error, Some(now + backoff), now).await;
+        }
+        Err(SendError::Permanent(error)) => {
+            tracing::warn!(delivery = %delivery.id, channel = %delivery.channel, error = %error, "delivery failed");
+            let _ = store.mark_delivery_failed(&delivery.id, &error, None, now).await;
+            state.metrics.deliveries_failed_total.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        }
+    }
+}
+
+/// 2 s doubled per attempt, capped at 10 minutes.
+fn retry_backoff_ms(attempts: u32) -> i64 {
+    (2_000i64 << attempts.min(9)).min(600_000)
+}

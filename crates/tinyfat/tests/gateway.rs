@@ -1,0 +1,377 @@
+//! `tinyfat serve` as a real process: durable web chat, crash recovery with
+//! `kill -9` at each stage, deduplication, concurrency and bad input.
+//! Every message must be answered exactly once: asserted on the session file
+//! and on the delivery table.
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use futures_util::StreamExt;
+use serde_json::{Value, json};
+use tinyfat_core::message::Role;
+use tinyfat_core::session::{RecordBody, SessionRecord};
+use tinyfat_testkit::{FakeModel, Script};
+
+const BIN: &str = env!("CARGO_BIN_EXE_tinyfat");
+
+struct Server {
+    child: Child,
+    port: u16,
+}
+
+impl Server {
+    fn start(data: &Path, fake: &FakeModel, role: &str) -> Server {
+        let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+        let child = Command::new(BIN)
+            .args(["serve", "--listen", &format!("127.0.0.1:{port}"), "--role", role])
+            .env("TINYFAT_DATA_DIR", data)
+            .env("ANTHROPIC_API_KEY", "sk-test")
+            .env("ANTHROPIC_BASE_URL", fake.base_url())
+            .env("TINYFAT_LOG", "warn")
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        let server = Server { child, port };
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+            assert!(Instant::now() < deadline, "server did not start");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        server
+    }
+
+    fn url(&self, path: &str) -> String {
+        format!("http://127.0.0.1:{}{path}", self.port)
+    }
+
+    fn kill9(mut self) {
+        self.child.kill().unwrap();
+        self.child.wait().unwrap();
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+struct Env {
+    _tmp: tempfile::TempDir,
+    data: PathBuf,
+    fake: FakeModel,
+    token: String,
+    agent_id: String,
+    http: reqwest::Client,
+}
+
+fn cli(data: &Path, args: &[&str]) -> Value {
+    let out = Command::new(BIN).args(args).arg("--json").env("TINYFAT_DATA_DIR", data).output().unwrap();
+    assert!(out.status.success(), "{args:?}: {}", String::from_utf8_lossy(&out.stderr));
+    serde_json::from_slice(&out.stdout).unwrap()
+}
+
+async fn env() -> Env {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = tmp.path().to_owned();
+    let fake = FakeModel::start().await;
+    let agent = cli(&data, &["agent", "create", "--owner", "ann@example.com", "--name", "webby"]);
+    let token = cli(&data, &["token", "create", "--name", "test"]);
+    Env {
+        _tmp: tmp,
+        data,
+        fake,
+        token: token["token"].as_str().unwrap().to_owned(),
+        agent_id: agent["id"].as_str().unwrap().to_owned(),
+        http: reqwest::Client::new(),
+    }
+}
+
+/// Reads an SSE response to `[DONE]` (or until `stop_after` events), returning the JSON events.
+async fn read_sse(response: reqwest::Response, stop_after: Option<&dyn Fn(&Value) -> bool>) -> Vec<Value> {
+    let mut events = Vec::new();
+    let mut buffer = String::new();
+    let mut body = response.bytes_stream();
+    while let Some(chunk) = tokio::time::timeout(Duration::from_secs(60), body.next()).await.expect("SSE stalled") {
+        buffer.push_str(&String::from_utf8_lossy(&chunk.unwrap()));
+        while let Some(end) = buffer.find("\n\n") {
+            let frame: String = buffer.drain(..end + 2).collect();
+            let data = frame.lines().filter_map(|l| l.strip_prefix("data: ")).collect::<Vec<_>>().join("\n");
+            if data == "[DONE]" {
+                return events;
+            }
+            let value: Value = serde_json::from_str(&data).unwrap();
+            let stop = stop_after.is_some_and(|f| f(&value));
+            events.push(value);
+            if stop {
+                return events;
+            }
+        }
+    }
+    events
+}
+
+impl Env {
+    async fn post_chat(&self, server: &Server, body: Value) -> reqwest::Response {
+        self.http
+            .post(server.url(&format!("/api/agents/{}/chat", self.agent_id)))
+            .bearer_auth(&self.token)
+            .json(&body)
+            .send()
+            .await
+            .unwrap()
+    }
+
+    async fn replay(&self, server: &Server, request_id: &str) -> Vec<Value> {
+        let response = self
+            .http
+            .get(server.url(&format!("/api/agents/{}/runs/{request_id}/events", self.agent_id)))
+            .bearer_auth(&self.token)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(response.status(), 200);
+        read_sse(response, None).await
+    }
+
+    fn session(&self, session: &str) -> Vec<SessionRecord> {
+        let path = self.data.join("storage/agents").join(&self.agent_id).join(format!("sessions/{session}.jsonl"));
+        std::fs::read_to_string(path)
+            .unwrap_or_default()
+            .lines()
+            .filter_map(|l| serde_json::from_str(l).ok())
+            .collect()
+    }
+
+    async fn store(&self) -> std::sync::Arc<dyn tinyfat_store::Store> {
+        tinyfat_store::connect(&format!("sqlite://{}", self.data.join("tinyfat.db").display())).await.unwrap()
+    }
+}
+
+fn text(events: &[Value]) -> String {
+    events.iter().filter(|e| e["type"] == "text_delta").map(|e| e["delta"].as_str().unwrap()).collect()
+}
+
+/// User records whose text contains `needle`, and final assistant answers.
+fn count(records: &[SessionRecord], needle: &str) -> (usize, usize) {
+    let users = records
+        .iter()
+        .filter(|r| matches!(&r.body, RecordBody::Message { message, .. } if message.role == Role::User && message.text().contains(needle)))
+        .count();
+    let answers = records
+        .iter()
+        .filter(|r| matches!(&r.body, RecordBody::Message { message, .. } if message.role == Role::Assistant && !message.text().is_empty()))
+        .count();
+    (users, answers)
+}
+
+async fn reply_deliveries(env: &Env) -> Vec<tinyfat_store::Delivery> {
+    let store = env.store().await;
+    let id = tinyfat_core::AgentId::parse(&env.agent_id).unwrap();
+    store.deliveries_for(&id, 1000).await.unwrap().into_iter().filter(|d| d.idempotency_key.starts_with("reply:")).collect()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn web_chat_streams_accepted_deltas_and_done() {
+    let env = env().await;
+    let server = Server::start(&env.data, &env.fake, "all");
+    env.fake.push(Script::text_deltas(&["Hi ", "Ann"]));
+    let response = env.post_chat(&server, json!({"message": "hello", "request_id": "r1"})).await;
+    assert_eq!(response.status(), 200);
+    assert!(response.headers()["content-type"].to_str().unwrap().starts_with("text/event-stream"));
+    let events = read_sse(response, None).await;
+    assert_eq!(events[0]["type"], "accepted");
+    assert_eq!((events[0]["request_id"].as_str(), events[0]["session"].as_str()), (Some("r1"), Some("web-main")));
+    assert_eq!(text(&events), "Hi Ann");
+    assert_eq!(events.last().unwrap()["type"], "run_complete");
+
+    // A browser retrying the POST attaches to the same run: no second turn.
+    let again = read_sse(env.post_chat(&server, json!({"message": "hello", "request_id": "r1"})).await, None).await;
+    assert_eq!(text(&again), "Hi Ann");
+    assert_eq!(env.fake.requests().len(), 1);
+    assert_eq!(count(&env.session("web-main"), "hello"), (1, 1));
+
+    // Unauthenticated and cross-tenant requests.
+    let anon = env.http.post(server.url(&format!("/api/agents/{}/chat", env.agent_id))).json(&json!({"message": "x"})).send().await.unwrap();
+    assert_eq!(anon.status(), 401);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn bad_input_gets_a_clear_4xx_and_enqueues_nothing() {
+    let env = env().await;
+    let server = Server::start(&env.data, &env.fake, "all");
+    let url = server.url(&format!("/api/agents/{}/chat", env.agent_id));
+    let send = |body: reqwest::Body, content_type: &'static str| {
+        env.http.post(&url).bearer_auth(&env.token).header("content-type", content_type).body(body).send()
+    };
+    let malformed = send("{\"message\": ".into(), "application/json").await.unwrap();
+    assert_eq!(malformed.status(), 400);
+    let body: Value = malformed.json().await.unwrap();
+    assert!(body["error"].as_str().is_some(), "{body}");
+    assert_eq!(send("message=hi".into(), "application/x-www-form-urlencoded").await.unwrap().status(), 415);
+    let huge = json!({"message": "x".repeat(2 << 20)}).to_string();
+    assert_eq!(send(huge.into(), "application/json").await.unwrap().status(), 413);
+    assert_eq!(send("{\"message\": \"\"}".into(), "application/json").await.unwrap().status(), 400);
+    let store = env.store().await;
+    let id = tinyfat_core::AgentId::parse(&env.agent_id).unwrap();
+    assert!(store.jobs_for(&id, 10).await.unwrap().is_empty(), "nothing was enqueued");
+    assert!(env.fake.requests().is_empty());
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn crash_after_ack_before_the_turn_starts() {
+    let env = env().await;
+    // A gateway without workers acknowledges and enqueues, then dies.
+    let gateway = Server::start(&env.data, &env.fake, "gateway");
+    let response = env.post_chat(&gateway, json!({"message": "queued while down", "request_id": "ra"})).await;
+    let events = read_sse(response, Some(&|e: &Value| e["type"] == "accepted")).await;
+    assert_eq!(events[0]["type"], "accepted");
+    gateway.kill9();
+
+    env.fake.push(Script::text("answered after restart"));
+    let server = Server::start(&env.data, &env.fake, "all");
+    let replay = env.replay(&server, "ra").await;
+    assert_eq!(text(&replay), "answered after restart");
+    assert_eq!(count(&env.session("web-main"), "queued while down"), (1, 1));
+    assert_eq!(reply_deliveries(&env).await.len(), 1);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn crash_in_the_middle_of_a_turn_while_the_model_streams() {
+    let env = env().await;
+    let server = Server::start(&env.data, &env.fake, "all");
+    env.fake.push(Script::text_deltas(&["one ", "two ", "three ", "four ", "five"]).with_chunk_delay(Duration::from_millis(400)));
+    let response = env.post_chat(&server, json!({"message": "count slowly", "request_id": "rb"})).await;
+    let events = read_sse(response, Some(&|e: &Value| e["type"] == "text_delta")).await;
+    assert_eq!(events.last().unwrap()["type"], "text_delta");
+    server.kill9();
+    let (users, answers) = count(&env.session("web-main"), "count slowly");
+    assert_eq!((users, answers), (1, 0), "the user message was durable; no answer yet");
+
+    env.fake.push(Script::text("one two three four five"));
+    let server = Server::start(&env.data, &env.fake, "all");
+    // The lease of the killed worker must lapse before the job runs again.
+    let replay = env.replay(&server, "rb").await;
+    assert_eq!(text(&replay), "one two three four five");
+    assert_eq!(count(&env.session("web-main"), "count slowly"), (1, 1), "answered exactly once");
+    let deliveries = reply_deliveries(&env).await;
+    assert_eq!(deliveries.len(), 1);
+    drop(server);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn crash_after_the_reply_is_stored_before_delivery() {
+    let env = env().await;
+    let server = Server::start(&env.data, &env.fake, "all");
+    env.fake.push(Script::text("stored reply"));
+    let response = env.post_chat(&server, json!({"message": "reply then die", "request_id": "rc"})).await;
+    let events = read_sse(response, Some(&|e: &Value| e["type"] == "run_complete")).await;
+    assert_eq!(text(&events), "stored reply");
+    server.kill9();
+
+    let server = Server::start(&env.data, &env.fake, "all");
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let deliveries = reply_deliveries(&env).await;
+        assert_eq!(deliveries.len(), 1, "one delivery row per reply");
+        if deliveries[0].state == tinyfat_store::DeliveryState::Sent {
+            break;
+        }
+        assert!(Instant::now() < deadline, "the stored reply was never delivered");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let replay = env.replay(&server, "rc").await;
+    assert_eq!(text(&replay), "stored reply");
+    assert_eq!(env.fake.requests().len(), 1, "the model was not called again");
+    assert_eq!(count(&env.session("web-main"), "reply then die"), (1, 1));
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_burst_to_one_agent_never_overlaps_and_every_message_is_seen() {
+    let env = env().await;
+    let server = Server::start(&env.data, &env.fake, "all");
+    env.fake.set_fallback(Script::text("ack").with_chunk_delay(Duration::from_millis(20)));
+    let posts = (0..50).map(|i| {
+        let env = &env;
+        let server = &server;
+        async move {
+            let response = env.post_chat(server, json!({"message": format!("burst message {i}"), "request_id": format!("b{i}")})).await;
+            assert_eq!(response.status(), 200);
+            read_sse(response, None).await
+        }
+    });
+    let results = futures_util::future::join_all(posts).await;
+    assert!(results.iter().all(|events| events.last().is_some_and(|e| e["type"] == "run_complete")));
+    let records = env.session("web-main");
+    for i in 0..50 {
+        let suffix = format!(": burst message {i}");
+        let seen = records
+            .iter()
+            .filter(|r| matches!(&r.body, RecordBody::Message { message, .. } if message.role == Role::User && message.text().ends_with(&suffix)))
+            .count();
+        assert_eq!(seen, 1, "message {i} recorded once");
+    }
+    let users = records.iter().filter(|r| matches!(&r.body, RecordBody::Message { message, .. } if message.role == Role::User)).count();
+    assert_eq!(users, 50, "every message is recorded once");
+    // Turns never interleave: after a turn's first assistant record, only
+    // that turn's records follow until the next user message.
+    let mut current: Option<String> = None;
+    for record in &records {
+        if let RecordBody::Message { message, job, .. } = &record.body {
+            match message.role {
+                Role::User => current = None,
+                Role::Assistant => {
+                    if let Some(turn) = &current {
+                        assert_eq!(Some(turn), job.as_ref(), "two turns interleaved");
+                    }
+                    current = job.clone();
+                }
+            }
+        }
+    }
+    assert!(env.fake.requests().len() <= 50, "batched turns: {} model calls", env.fake.requests().len());
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn two_hundred_agents_at_once_are_all_answered() {
+    let env = env().await;
+    // Provision in-process (the CLI would spend most of the test starting processes).
+    let settings = tinyfat_platform::config::Settings::load(&tinyfat_platform::config::Sources {
+        data_dir: Some(env.data.clone()),
+        ..Default::default()
+    })
+    .unwrap();
+    let platform = tinyfat_platform::Platform::open(settings).await.unwrap();
+    let owner = tinyfat_core::EmailAddress::parse("ann@example.com").unwrap();
+    let mut ids = Vec::new();
+    for _ in 0..200 {
+        let agent = platform
+            .create_agent(tinyfat_platform::provision::CreateAgent { owner: owner.clone(), name: None, model: None })
+            .await
+            .unwrap();
+        ids.push(agent.id.to_string());
+    }
+    drop(platform);
+    let server = Server::start(&env.data, &env.fake, "all");
+    env.fake.set_fallback(Script::text("hello agent"));
+    let posts = ids.iter().map(|id| {
+        let (env, server) = (&env, &server);
+        async move {
+            let response = env
+                .http
+                .post(server.url(&format!("/api/agents/{id}/chat")))
+                .bearer_auth(&env.token)
+                .json(&json!({"message": "ping"}))
+                .send()
+                .await
+                .unwrap();
+            assert_eq!(response.status(), 200);
+            text(&read_sse(response, None).await)
+        }
+    });
+    let replies = futures_util::future::join_all(posts).await;
+    assert!(replies.iter().all(|r| r == "hello agent"), "{:?}", replies.iter().filter(|r| *r != "hello agent").collect::<Vec<_>>());
+}
