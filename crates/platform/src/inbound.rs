@@ -87,7 +87,11 @@ impl AppState {
         match commands::parse(&ingest.job.message.text) {
             Some(Command::Stop) => {
                 let stopped = self.runs.cancel(&agent.id);
-                return Ok(IngestOutcome::Answered(if stopped { "Stopping.".into() } else { "Nothing is running.".into() }));
+                return Ok(IngestOutcome::Answered(if stopped {
+                    "Stopping.".into()
+                } else {
+                    "Nothing is running.".into()
+                }));
             }
             Some(Command::Status) => return Ok(IngestOutcome::Answered(self.status_text(agent).await?)),
             _ => {}
@@ -111,7 +115,9 @@ impl AppState {
     pub async fn status_text(&self, agent: &Agent) -> Result<String> {
         let status = self.platform.store.agent_status(&agent.id, self.platform.now_ms()).await?;
         let running = match self.runs.active(&agent.id) {
-            Some(run) => format!("running a turn in {} (started {})", run.session, crate::provision::format_ms(run.started_ms)),
+            Some(run) => {
+                format!("running a turn in {} (started {})", run.session, crate::provision::format_ms(run.started_ms))
+            }
             None if status.running => "running a turn in another process".to_owned(),
             None => "idle".to_owned(),
         };

@@ -6,10 +6,10 @@
 //! that is not also in the metadata store or the agent's prefix; any process
 //! built from the same settings sees the same platform.
 
-pub mod clock;
-pub mod config;
 pub mod api;
 pub mod auth;
+pub mod clock;
+pub mod config;
 pub mod deliver;
 pub mod dlq;
 pub mod email;

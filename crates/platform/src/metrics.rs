@@ -107,17 +107,36 @@ impl Metrics {
             let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} gauge\n{name} {value}");
         };
         let counter = |out: &mut String, name: &str, help: &str, value: &AtomicU64| {
-            let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} counter\n{name} {}", value.load(Ordering::Relaxed));
+            let _ =
+                writeln!(out, "# HELP {name} {help}\n# TYPE {name} counter\n{name} {}", value.load(Ordering::Relaxed));
         };
         gauge(&mut out, "tinyfat_queue_depth", "Jobs waiting to run.", queue.queued);
         gauge(&mut out, "tinyfat_queue_running", "Jobs running now.", queue.running);
         gauge(&mut out, "tinyfat_dead_letters", "Jobs in the dead-letter queue.", queue.dead);
         counter(&mut out, "tinyfat_runs_total", "Turns run.", &self.runs_total);
         counter(&mut out, "tinyfat_runs_failed_total", "Turns that failed.", &self.runs_failed_total);
-        counter(&mut out, "tinyfat_rejected_senders_total", "Messages dropped: sender not allowed.", &self.rejected_senders_total);
-        counter(&mut out, "tinyfat_deliveries_sent_total", "Replies and messages delivered.", &self.deliveries_sent_total);
-        counter(&mut out, "tinyfat_deliveries_failed_total", "Deliveries that failed for good.", &self.deliveries_failed_total);
-        let _ = writeln!(out, "# HELP tinyfat_model_tokens_total Model tokens used, by kind.\n# TYPE tinyfat_model_tokens_total counter");
+        counter(
+            &mut out,
+            "tinyfat_rejected_senders_total",
+            "Messages dropped: sender not allowed.",
+            &self.rejected_senders_total,
+        );
+        counter(
+            &mut out,
+            "tinyfat_deliveries_sent_total",
+            "Replies and messages delivered.",
+            &self.deliveries_sent_total,
+        );
+        counter(
+            &mut out,
+            "tinyfat_deliveries_failed_total",
+            "Deliveries that failed for good.",
+            &self.deliveries_failed_total,
+        );
+        let _ = writeln!(
+            out,
+            "# HELP tinyfat_model_tokens_total Model tokens used, by kind.\n# TYPE tinyfat_model_tokens_total counter"
+        );
         for (kind, value) in [
             ("input", &self.tokens_input_total),
             ("output", &self.tokens_output_total),

@@ -129,7 +129,11 @@ pub async fn serve(platform: Arc<Platform>, listen: &str, role: Role) -> anyhow:
     let mut background = tokio::task::JoinSet::new();
     if role.runs_worker() {
         let config = crate::worker::WorkerConfig::default();
-        tracing::info!("worker: running up to {} turns at once (lease owner {})", config.turns_concurrent_max, config.owner);
+        tracing::info!(
+            "worker: running up to {} turns at once (lease owner {})",
+            config.turns_concurrent_max,
+            config.owner
+        );
         background.spawn(crate::worker::run(app.clone(), config, stop_rx.clone()));
         background.spawn(crate::deliver::run(app.clone(), stop_rx.clone()));
     }
@@ -151,9 +155,13 @@ pub async fn serve(platform: Arc<Platform>, listen: &str, role: Role) -> anyhow:
             .map_err(|e| anyhow::anyhow!("cannot listen on {addr}: {e} (is another tinyfat running? try --listen)"))?;
         let local = listener.local_addr()?;
         tracing::info!("web chat and API: http://{local}/api (token: `tinyfat token create`)");
-        tracing::info!("listening on http://{local} (health: http://{local}/healthz, readiness: http://{local}/readyz)");
+        tracing::info!(
+            "listening on http://{local} (health: http://{local}/healthz, readiness: http://{local}/readyz)"
+        );
         if !local.ip().is_loopback() {
-            tracing::warn!("listening on a non-loopback address: every route except health, metrics and webhooks requires a token");
+            tracing::warn!(
+                "listening on a non-loopback address: every route except health, metrics and webhooks requires a token"
+            );
         }
         ready.started.store(true, Ordering::SeqCst);
         axum::serve(listener, router(app, ready)).with_graceful_shutdown(shutdown).await?;

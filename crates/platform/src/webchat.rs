@@ -70,7 +70,9 @@ fn web_session(given: Option<&str>) -> Result<SessionId, ApiError> {
 }
 
 fn valid_request_id(id: &str) -> bool {
-    !id.is_empty() && id.len() <= REQUEST_ID_LEN_MAX && id.bytes().all(|b| b.is_ascii_alphanumeric() || b"._-".contains(&b))
+    !id.is_empty()
+        && id.len() <= REQUEST_ID_LEN_MAX
+        && id.bytes().all(|b| b.is_ascii_alphanumeric() || b"._-".contains(&b))
 }
 
 pub async fn chat(
@@ -90,7 +92,9 @@ pub async fn chat(
     let session = web_session(request.session.as_deref())?;
     let request_id = match request.request_id {
         Some(id) if valid_request_id(&id) => id,
-        Some(id) => return Err(ApiError::bad_request(format!("invalid request_id {id:?}: 1-100 of A-Z a-z 0-9 . _ -"))),
+        Some(id) => {
+            return Err(ApiError::bad_request(format!("invalid request_id {id:?}: 1-100 of A-Z a-z 0-9 . _ -")));
+        }
         None => tinyfat_core::ids::new_ulid_string(ulid::Ulid::new()),
     };
     let key = run_key(&agent, &caller, &request_id);
@@ -126,7 +130,8 @@ pub async fn chat(
         IngestOutcome::Rejected => Err(ApiError::forbidden("this sender may not write to the agent")),
         IngestOutcome::Enqueued { job_id, duplicate } => {
             if !duplicate {
-                let queued = state.platform.store.agent_status(&agent.id, state.platform.now_ms()).await.map_or(0, |s| s.queued);
+                let queued =
+                    state.platform.store.agent_status(&agent.id, state.platform.now_ms()).await.map_or(0, |s| s.queued);
                 state.runs.push(&key, accepted(queued.saturating_sub(1)));
             }
             Ok(sse(follow(state, agent, key, Some(job_id), session, request_id)))
@@ -149,7 +154,8 @@ pub async fn run_events(
     if !in_memory && job.is_none() {
         return Err(ApiError::not_found("no such run"));
     }
-    let session = job.as_ref().map(|j| j.session.clone()).unwrap_or_else(|| SessionId::parse("web-main").expect("static"));
+    let session =
+        job.as_ref().map(|j| j.session.clone()).unwrap_or_else(|| SessionId::parse("web-main").expect("static"));
     Ok(sse(follow(state, agent, key, job.map(|j| j.id), session, request_id)))
 }
 
@@ -214,7 +220,9 @@ fn follow(
             return;
         }
         // Rebuilt from durable state.
-        let _ = send(json!({"type": "accepted", "request_id": request_id, "session": session.to_string(), "queued": 0})).await;
+        let _ =
+            send(json!({"type": "accepted", "request_id": request_id, "session": session.to_string(), "queued": 0}))
+                .await;
         let Some(job_id) = job_id else {
             let _ = send(Value::String(DONE.into())).await;
             return;
@@ -232,7 +240,8 @@ fn follow(
                     break;
                 }
                 Some((JobState::Dead, error)) => {
-                    let _ = send(json!({"type": "error", "message": error.unwrap_or_else(|| "the run failed".into())})).await;
+                    let _ = send(json!({"type": "error", "message": error.unwrap_or_else(|| "the run failed".into())}))
+                        .await;
                     break;
                 }
                 None => break,

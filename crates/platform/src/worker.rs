@@ -241,12 +241,21 @@ pub async fn process(state: &AppState, claim: Claim, shutting_down: &AtomicBool)
             }
             for message in &outcome.outbound {
                 let target = tinyfat_runtime::Conversation { channel: message.channel.clone(), to: message.to.clone() };
-                deliveries.push(delivery(&agent.id, &turn_id, message.key.clone(), &target, &message.text, &message.attachments));
+                deliveries.push(delivery(
+                    &agent.id,
+                    &turn_id,
+                    message.key.clone(),
+                    &target,
+                    &message.text,
+                    &message.attachments,
+                ));
             }
             for new in &deliveries {
                 if let Err(e) = store.insert_delivery(new, now).await {
                     tracing::error!(error = %e, "recording a delivery failed; the job will run again");
-                    let _ = store.fail(&lease, &batch_ids, Failure::Internal, &e.to_string(), now, &mut rand_jitter()).await;
+                    let _ = store
+                        .fail(&lease, &batch_ids, Failure::Internal, &e.to_string(), now, &mut rand_jitter())
+                        .await;
                     return;
                 }
             }
@@ -279,13 +288,16 @@ pub async fn process(state: &AppState, claim: Claim, shutting_down: &AtomicBool)
     tracing::warn!(agent = %agent.name, job = %turn_id, ?failure, error = %error, "turn failed");
     if tell_user && let Some(conversation) = &conversation {
         let text = format!("Sorry, I could not answer: {error}");
-        let _ = store.insert_delivery(&delivery(&agent.id, &turn_id, format!("error:{turn_id}"), conversation, &text, &[]), now).await;
+        let _ = store
+            .insert_delivery(&delivery(&agent.id, &turn_id, format!("error:{turn_id}"), conversation, &text, &[]), now)
+            .await;
         state.deliveries_wake.notify_one();
     }
-    outcomes.extend(batch_ids.iter().map(|id| JobOutcome {
-        job_id: id.clone(),
-        outcome: Outcome::Failed { failure, error: error.clone() },
-    }));
+    outcomes.extend(
+        batch_ids
+            .iter()
+            .map(|id| JobOutcome { job_id: id.clone(), outcome: Outcome::Failed { failure, error: error.clone() } }),
+    );
     let settled = store.finish(&lease, &outcomes, now, &mut rand_jitter()).await.ok().flatten().unwrap_or_default();
     let dead = settled.iter().any(|s| s.state == JobState::Dead);
     for key in &run_keys {

@@ -64,7 +64,13 @@ fn render(event: TurnEvent, out: &mut impl Write, at_line_start: &mut bool) {
     }
 }
 
-async fn one_turn(platform: &Platform, agent: &Agent, session: &SessionId, text: &str, as_json: bool) -> anyhow::Result<Option<String>> {
+async fn one_turn(
+    platform: &Platform,
+    agent: &Agent,
+    session: &SessionId,
+    text: &str,
+    as_json: bool,
+) -> anyhow::Result<Option<String>> {
     let cancel = CancelToken::new();
     let ctrl_c = {
         let cancel = cancel.clone();
@@ -128,7 +134,13 @@ async fn one_turn(platform: &Platform, agent: &Agent, session: &SessionId, text:
     Ok(outcome.reply)
 }
 
-pub async fn run(platform: &Platform, name: &str, message: Option<String>, session: Option<String>, as_json: bool) -> anyhow::Result<()> {
+pub async fn run(
+    platform: &Platform,
+    name: &str,
+    message: Option<String>,
+    session: Option<String>,
+    as_json: bool,
+) -> anyhow::Result<()> {
     let agent = platform.agent(name).await?;
     let session = session_id(session.as_deref())?;
     let health = platform.executor.check().await;
@@ -138,13 +150,18 @@ pub async fn run(platform: &Platform, name: &str, message: Option<String>, sessi
     if let Some(text) = message {
         let reply = one_turn(platform, &agent, &session, &text, as_json).await?;
         if as_json {
-            crate::output::json(&serde_json::json!({"agent": agent.name.to_string(), "session": session.to_string(), "reply": reply}))?;
+            crate::output::json(
+                &serde_json::json!({"agent": agent.name.to_string(), "session": session.to_string(), "reply": reply}),
+            )?;
         }
         return Ok(());
     }
     let interactive = std::io::stdin().is_terminal();
     if interactive {
-        eprintln!("chatting with {} <{}> in session {session}; Ctrl-C stops a turn, Ctrl-D leaves", agent.name, agent.email);
+        eprintln!(
+            "chatting with {} <{}> in session {session}; Ctrl-C stops a turn, Ctrl-D leaves",
+            agent.name, agent.email
+        );
     }
     let stdin = std::io::stdin();
     loop {
@@ -152,7 +169,8 @@ pub async fn run(platform: &Platform, name: &str, message: Option<String>, sessi
             eprint!("you> ");
         }
         let mut line = String::new();
-        let read = tokio::task::block_in_place(|| stdin.lock().read_line(&mut line)).context("cannot read standard input")?;
+        let read =
+            tokio::task::block_in_place(|| stdin.lock().read_line(&mut line)).context("cannot read standard input")?;
         if read == 0 {
             break;
         }

@@ -89,7 +89,9 @@ async fn chat_reports_a_rejected_key_clearly() {
     let tmp = tempfile::tempdir().unwrap();
     let fake = FakeModel::start().await;
     let data = tmp.path().to_owned();
-    assert!(tinyfat(&data, &fake, &["agent", "create", "--owner", "ann@example.com", "--name", "keyless"]).status.success());
+    assert!(
+        tinyfat(&data, &fake, &["agent", "create", "--owner", "ann@example.com", "--name", "keyless"]).status.success()
+    );
     fake.push(Script::unauthorized());
     let url = fake.base_url();
     let out = tokio::task::spawn_blocking(move || {

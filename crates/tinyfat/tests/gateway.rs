@@ -139,11 +139,7 @@ impl Env {
 
     fn session(&self, session: &str) -> Vec<SessionRecord> {
         let path = self.data.join("storage/agents").join(&self.agent_id).join(format!("sessions/{session}.jsonl"));
-        std::fs::read_to_string(path)
-            .unwrap_or_default()
-            .lines()
-            .filter_map(|l| serde_json::from_str(l).ok())
-            .collect()
+        std::fs::read_to_string(path).unwrap_or_default().lines().filter_map(|l| serde_json::from_str(l).ok()).collect()
     }
 
     async fn store(&self) -> std::sync::Arc<dyn tinyfat_store::Store> {
@@ -171,7 +167,13 @@ fn count(records: &[SessionRecord], needle: &str) -> (usize, usize) {
 async fn reply_deliveries(env: &Env) -> Vec<tinyfat_store::Delivery> {
     let store = env.store().await;
     let id = tinyfat_core::AgentId::parse(&env.agent_id).unwrap();
-    store.deliveries_for(&id, 1000).await.unwrap().into_iter().filter(|d| d.idempotency_key.starts_with("reply:")).collect()
+    store
+        .deliveries_for(&id, 1000)
+        .await
+        .unwrap()
+        .into_iter()
+        .filter(|d| d.idempotency_key.starts_with("reply:"))
+        .collect()
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -195,7 +197,13 @@ async fn web_chat_streams_accepted_deltas_and_done() {
     assert_eq!(count(&env.session("web-main"), "hello"), (1, 1));
 
     // Unauthenticated and cross-tenant requests.
-    let anon = env.http.post(server.url(&format!("/api/agents/{}/chat", env.agent_id))).json(&json!({"message": "x"})).send().await.unwrap();
+    let anon = env
+        .http
+        .post(server.url(&format!("/api/agents/{}/chat", env.agent_id)))
+        .json(&json!({"message": "x"}))
+        .send()
+        .await
+        .unwrap();
     assert_eq!(anon.status(), 401);
 }
 
@@ -243,7 +251,9 @@ async fn crash_after_ack_before_the_turn_starts() {
 async fn crash_in_the_middle_of_a_turn_while_the_model_streams() {
     let env = env().await;
     let server = Server::start(&env.data, &env.fake, "all");
-    env.fake.push(Script::text_deltas(&["one ", "two ", "three ", "four ", "five"]).with_chunk_delay(Duration::from_millis(400)));
+    env.fake.push(
+        Script::text_deltas(&["one ", "two ", "three ", "four ", "five"]).with_chunk_delay(Duration::from_millis(400)),
+    );
     let response = env.post_chat(&server, json!({"message": "count slowly", "request_id": "rb"})).await;
     let events = read_sse(response, Some(&|e: &Value| e["type"] == "text_delta")).await;
     assert_eq!(events.last().unwrap()["type"], "text_delta");
@@ -298,7 +308,9 @@ async fn a_burst_to_one_agent_never_overlaps_and_every_message_is_seen() {
         let env = &env;
         let server = &server;
         async move {
-            let response = env.post_chat(server, json!({"message": format!("burst message {i}"), "request_id": format!("b{i}")})).await;
+            let response = env
+                .post_chat(server, json!({"message": format!("burst message {i}"), "request_id": format!("b{i}")}))
+                .await;
             assert_eq!(response.status(), 200);
             read_sse(response, None).await
         }
@@ -314,7 +326,10 @@ async fn a_burst_to_one_agent_never_overlaps_and_every_message_is_seen() {
             .count();
         assert_eq!(seen, 1, "message {i} recorded once");
     }
-    let users = records.iter().filter(|r| matches!(&r.body, RecordBody::Message { message, .. } if message.role == Role::User)).count();
+    let users = records
+        .iter()
+        .filter(|r| matches!(&r.body, RecordBody::Message { message, .. } if message.role == Role::User))
+        .count();
     assert_eq!(users, 50, "every message is recorded once");
     // Turns never interleave: after a turn's first assistant record, only
     // that turn's records follow until the next user message.
@@ -373,5 +388,9 @@ async fn two_hundred_agents_at_once_are_all_answered() {
         }
     });
     let replies = futures_util::future::join_all(posts).await;
-    assert!(replies.iter().all(|r| r == "hello agent"), "{:?}", replies.iter().filter(|r| *r != "hello agent").collect::<Vec<_>>());
+    assert!(
+        replies.iter().all(|r| r == "hello agent"),
+        "{:?}",
+        replies.iter().filter(|r| *r != "hello agent").collect::<Vec<_>>()
+    );
 }
