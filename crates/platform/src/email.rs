@@ -3,16 +3,86 @@
 //!
 //! Hooks the worker, the delivery loop and `serve` call:
 //! - `routes`: `POST /webhooks/resend`.
+//! - `prepare_email_job`: under the lease, turn an `email` job (a verified
+//!   Resend notice) into a message job in the mail's thread session.
 //! - `process_outbox`: under the lease, after each turn and first when a job
 //!   is retried.
 //! - `send`: deliver one `email` row of the delivery table.
 //! - `start`: the SMTP listener and IMAP pollers, when configured.
+//!
+//! Inbound flow (Resend): the webhook is verified (Svix) over the raw body
+//! before anything is parsed; a bad or missing signature answers 401 and
+//! enqueues nothing. An `email.received` notice is resolved to the agents it
+//! was addressed to and enqueued as an `email` job (dedup `resend:{svix-id}`;
+//! further agents of the same notice `resend:{svix-id}:{agent_id}`), and the
+//! webhook is acknowledged only after that commit. A notice for no known
+//! agent is acknowledged (200) and dropped with a log line: the agent is
+//! named by the address, not by a URL id, and a 4xx would only make Resend
+//! retry for a day. Other event types are acknowledged and ignored.
+//!
+//! The `email` job runs under the agent's lease (`prepare_email_job`): it
+//! fetches the message from Resend (`GET /emails/receiving/{id}`, and the
+//! raw MIME when Resend offers it), checks the sender (allowed senders,
+//! DMARC via `tinyfat_channels::email::auth` on the raw message, else refused
+//! unless `email.require_auth = false`; loops dropped), saves attachments
+//! under `attachments/{date}/{job}-{filename}`, then enqueues a `message`
+//! job in the mail's thread session with the dedup key
+//! `email:{agent_id}:{Message-ID}` and completes. Forwarding (rather than
+//! answering in the `email` job) is what puts the turn in the right session:
+//! the thread root is known only after the fetch, and the queue batches by
+//! session. The forwarded payload is a `MessageJob` plus an `email` field
+//! (the parent's Message-ID, References, subject and quote) that `send`
+//! reads back through the delivery's `job_id` so the reply threads.
+//!
+//! Outbox (SPEC §5): files are claimed by rename into `outbox/sending/`,
+//! recorded as a delivery row (`outbox:{delivery_id}`) and sent inline under
+//! the lease (not by the delivery loop) so the file can be filed in `sent/`
+//! or `failed/` right after. A crash after the send and before the move
+//! leaves the file in `sending/`; the next run finds the row (sent: just
+//! file it) or resends it under the same delivery id, so Resend dedups it by
+//! `Idempotency-Key: {agent_id}:{delivery_id}` (at-least-once for SMTP).
+
+use std::sync::OnceLock;
+use std::time::Duration;
 
 use axum::Router;
-use tinyfat_store::{Agent, Delivery, Lease};
+use axum::body::Body;
+use axum::extract::State;
+use axum::http::{HeaderMap, StatusCode};
+use axum::routing::post;
+use chrono::{DateTime, Utc};
+use serde::{Deserialize, Serialize};
+use serde_json::json;
+use tinyfat_channels::email::auth::Authenticator;
+use tinyfat_channels::email::inbound::{self, InboundEmail, InboundLimits};
+use tinyfat_channels::email::outbound::{self, Draft, Mailbox, OutboundAttachment, Parent, Quote};
+use tinyfat_channels::email::resend::{self, Disposition, ResendEvent};
+use tinyfat_channels::email::{outbox_file, svix};
+use tinyfat_core::sender::{SenderIdentity, is_allowed};
+use tinyfat_core::{AgentConfig, EmailAddress, SessionId};
+use tinyfat_runtime::Conversation;
+use tinyfat_storage::{EntryKind, FileError, RelPath, Workspace};
+use tinyfat_store::{Agent, Delivery, DeliveryState, Job, Lease, NewDelivery, NewJob};
 use tokio::sync::watch;
 
+use crate::inbound::{JOB_KIND_MESSAGE, MessageJob};
 use crate::state::AppState;
+
+/// The job kind of a verified Resend notice, waiting to be fetched.
+pub const JOB_KIND_EMAIL: &str = "email";
+/// Largest raw message or API response read from Resend.
+const FETCH_BYTES_MAX: usize = 40 << 20;
+/// Largest quote carried in a job payload for the reply.
+const QUOTE_BYTES_MAX: usize = 64 * 1024;
+/// Largest attachment file read from agent storage for sending.
+const ATTACHMENT_FILE_BYTES_MAX: u64 = 20 << 20;
+/// Outbox files taken per run (the rest wait for the next run).
+const OUTBOX_FILES_PER_RUN_MAX: usize = 50;
+/// Longest `retry-after` waited for inline (outbox, under the lease).
+const INLINE_RETRY_WAIT_MAX: Duration = Duration::from_secs(10);
+const INLINE_ATTEMPTS_MAX: u32 = 3;
+/// Per request; the worker renews its 30 s lease every 10 s.
+const HTTP_TIMEOUT: Duration = Duration::from_secs(15);
 
 /// Why a send failed: retry later, or give up with the provider's error.
 #[derive(Debug)]
@@ -21,16 +91,895 @@ pub enum SendError {
     Permanent(String),
 }
 
+impl std::fmt::Display for SendError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::Transient { error, .. } | Self::Permanent(error) => f.write_str(error),
+        }
+    }
+}
+
+/// Why preparing an `email` job failed: retry it (Resend 429/5xx, network),
+/// or give up.
+#[derive(Debug, PartialEq, Eq)]
+pub enum PrepareError {
+    Transient(String),
+    Permanent(String),
+}
+
+impl PrepareError {
+    pub fn message(&self) -> &str {
+        match self {
+            Self::Transient(m) | Self::Permanent(m) => m,
+        }
+    }
+}
+
+/// The payload of an `email` job: the verified webhook's metadata.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct EmailJob {
+    pub provider: String,
+    pub svix_id: String,
+    pub email_id: String,
+    #[serde(default)]
+    pub from: Option<String>,
+    #[serde(default)]
+    pub to: String,
+    #[serde(default)]
+    pub subject: String,
+    #[serde(default)]
+    pub message_id: Option<String>,
+    #[serde(default)]
+    pub created_at: Option<DateTime<Utc>>,
+}
+
+/// What a forwarded message job carries besides the `MessageJob` fields:
+/// the parent of the reply (SPEC §8: replies thread and quote).
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+pub struct EmailThread {
+    pub message_id: String,
+    #[serde(default)]
+    pub references: Vec<String>,
+    #[serde(default)]
+    pub subject: String,
+    /// `Name <addr>` or the address, for the quote's attribution.
+    #[serde(default)]
+    pub from: String,
+    #[serde(default)]
+    pub date: Option<DateTime<Utc>>,
+    /// The message text to quote (cut to 64 KiB).
+    #[serde(default)]
+    pub quote: String,
+}
+
+impl EmailThread {
+    fn from_inbound(email: &InboundEmail) -> Self {
+        let from = match &email.from_name {
+            Some(name) => format!("{name} <{}>", email.from),
+            None => email.from.to_string(),
+        };
+        let mut quote = email.text.clone();
+        if quote.len() > QUOTE_BYTES_MAX {
+            let mut cut = QUOTE_BYTES_MAX;
+            while !quote.is_char_boundary(cut) {
+                cut -= 1;
+            }
+            quote.truncate(cut);
+        }
+        Self {
+            message_id: email.message_id.clone(),
+            references: email.references.clone(),
+            subject: email.subject.clone(),
+            from,
+            date: email.date,
+            quote,
+        }
+    }
+
+    fn parent(&self) -> Parent {
+        Parent {
+            message_id: self.message_id.clone(),
+            references: self.references.clone(),
+            subject: self.subject.clone(),
+            quote: Some(Quote { from: self.from.clone(), date: self.date, text: self.quote.clone() }),
+        }
+    }
+}
+
+/// A message job's payload as this module writes it: `MessageJob`'s fields
+/// plus `email` (readers of `MessageJob` ignore the extra field).
+#[derive(Debug, Serialize, Deserialize)]
+struct EmailMessagePayload {
+    #[serde(flatten)]
+    job: MessageJob,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    email: Option<EmailThread>,
+}
+
 pub fn routes() -> Router<AppState> {
-    Router::new()
+    Router::new().route("/webhooks/resend", post(resend_webhook))
+}
+
+// ---------------------------------------------------------------------------
+// Inbound: the webhook.
+
+fn text(status: StatusCode, body: &str) -> (StatusCode, String) {
+    (status, body.to_owned())
+}
+
+/// `POST /webhooks/resend`.
+async fn resend_webhook(State(state): State<AppState>, headers: HeaderMap, body: Body) -> (StatusCode, String) {
+    let settings = &state.platform.settings;
+    let cap = settings.gateway.email_body_bytes_max as usize;
+    let Ok(body) = axum::body::to_bytes(body, cap).await else {
+        return text(StatusCode::PAYLOAD_TOO_LARGE, "body too large");
+    };
+    let Some(secret) = settings.email.resend_webhook_secret.as_ref() else {
+        tracing::warn!("resend webhook refused: email.resend_webhook_secret (RESEND_WEBHOOK_SECRET) is not set");
+        return text(StatusCode::UNAUTHORIZED, "webhook signature cannot be verified");
+    };
+    let secrets: Vec<svix::WebhookSecret> =
+        secret.expose().split_ascii_whitespace().filter_map(|s| svix::WebhookSecret::parse(s).ok()).collect();
+    let header = |name: &str| headers.get(name).and_then(|v| v.to_str().ok());
+    let svix_headers = svix::SvixHeaders {
+        id: header(svix::HEADER_ID),
+        timestamp: header(svix::HEADER_TIMESTAMP),
+        signature: header(svix::HEADER_SIGNATURE),
+    };
+    let now_s = state.platform.now_ms().div_euclid(1000);
+    let verified = match svix::verify(&secrets, &svix_headers, &body, now_s) {
+        Ok(v) => v,
+        Err(e) => {
+            tracing::warn!(error = %e, "resend webhook with a bad signature refused");
+            return text(StatusCode::UNAUTHORIZED, "bad signature");
+        }
+    };
+    let notice = match resend::parse_webhook(&body) {
+        Ok(ResendEvent::EmailReceived(notice)) => notice,
+        Ok(ResendEvent::Other(kind)) => {
+            tracing::debug!(kind = %kind, "resend webhook event ignored");
+            return text(StatusCode::OK, "ignored");
+        }
+        Err(e) => {
+            tracing::warn!(error = %e, "resend webhook body refused");
+            return text(StatusCode::BAD_REQUEST, &e.to_string());
+        }
+    };
+    let store = &state.platform.store;
+    let mut agents: Vec<(Agent, EmailAddress)> = Vec::new();
+    for recipient in &notice.recipients {
+        match store.agent_by_email(recipient).await {
+            Ok(Some(agent)) if !agents.iter().any(|(a, _)| a.id == agent.id) => agents.push((agent, recipient.clone())),
+            Ok(_) => {}
+            Err(e) => {
+                tracing::error!(error = %e, "resolving a resend recipient failed; asking Resend to retry");
+                return text(StatusCode::SERVICE_UNAVAILABLE, "try again");
+            }
+        }
+    }
+    if agents.is_empty() {
+        let to: Vec<String> = notice.recipients.iter().map(ToString::to_string).collect();
+        tracing::warn!(to = %to.join(", "), email_id = %notice.email_id, "inbound email for no known agent dropped");
+        return text(StatusCode::OK, "no such agent; dropped");
+    }
+    let session_root = notice.message_id.clone().unwrap_or_else(|| format!("resend-{}", notice.email_id));
+    let session = inbound::session_id_for_root(&session_root);
+    for (i, (agent, recipient)) in agents.iter().enumerate() {
+        let dedup_key = if i == 0 { verified.dedup_key() } else { format!("{}:{}", verified.dedup_key(), agent.id) };
+        let payload = EmailJob {
+            provider: "resend".into(),
+            svix_id: verified.id.clone(),
+            email_id: notice.email_id.clone(),
+            from: notice.from.as_ref().map(ToString::to_string),
+            to: recipient.to_string(),
+            subject: notice.subject.clone(),
+            message_id: notice.message_id.clone(),
+            created_at: notice.created_at,
+        };
+        let job = NewJob {
+            id: tinyfat_core::ids::new_ulid_string(ulid::Ulid::new()),
+            dedup_key,
+            agent_id: agent.id.clone(),
+            session: session.clone(),
+            kind: JOB_KIND_EMAIL.into(),
+            payload: serde_json::to_string(&payload).expect("serialisable"),
+        };
+        match store.enqueue(job, state.platform.now_ms()).await {
+            Ok(enqueued) => {
+                if !enqueued.duplicate {
+                    state.wake.notify_one();
+                }
+                tracing::info!(agent = %agent.name, job = %enqueued.job_id, duplicate = enqueued.duplicate, "inbound email enqueued");
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "enqueueing an inbound email failed; asking Resend to retry");
+                return text(StatusCode::SERVICE_UNAVAILABLE, "try again");
+            }
+        }
+    }
+    text(StatusCode::OK, "ok")
+}
+
+// ---------------------------------------------------------------------------
+// Inbound: the job.
+
+fn http() -> &'static reqwest::Client {
+    static CLIENT: OnceLock<reqwest::Client> = OnceLock::new();
+    CLIENT.get_or_init(|| {
+        reqwest::Client::builder()
+            .timeout(HTTP_TIMEOUT)
+            .redirect(reqwest::redirect::Policy::limited(3))
+            .build()
+            .expect("the HTTP client builds")
+    })
+}
+
+/// The system DNS authenticator, built once; `None` when it cannot be set up.
+fn authenticator() -> Option<&'static Authenticator> {
+    static AUTH: OnceLock<Option<Authenticator>> = OnceLock::new();
+    AUTH.get_or_init(|| match Authenticator::system() {
+        Ok(a) => Some(a),
+        Err(e) => {
+            tracing::error!(error = %e, "email sender authentication is unavailable");
+            None
+        }
+    })
+    .as_ref()
+}
+
+fn base_url(state: &AppState) -> String {
+    state.platform.settings.email.resend_base_url.trim_end_matches('/').to_owned()
+}
+
+/// The worker's hook (same contract as `scheduler::prepare_event_job`):
+/// `Ok(None)` means the job is done — dropped (sender not allowed, a loop,
+/// a duplicate Message-ID) or forwarded as a message job in its thread
+/// session. Every failure is reported as a string; see
+/// [`prepare_email_job_detailed`] to tell transient ones apart.
+pub async fn prepare_email_job(state: &AppState, agent: &Agent, job: &Job) -> Result<Option<MessageJob>, String> {
+    prepare_email_job_detailed(state, agent, job).await.map_err(|e| e.message().to_owned())
+}
+
+/// [`prepare_email_job`] with the failure's kind: `Transient` (Resend 429 or
+/// 5xx, network) should map to `Failure::Transient`.
+pub async fn prepare_email_job_detailed(
+    state: &AppState,
+    agent: &Agent,
+    job: &Job,
+) -> Result<Option<MessageJob>, PrepareError> {
+    let Some((session, dedup_key, payload, command)) = fetch_and_check(state, agent, job).await? else {
+        return Ok(None);
+    };
+    let store = &state.platform.store;
+    // `stop` and `/status` are answered at once, threaded, without a turn.
+    let answer = match command {
+        Some(Command::Stop) => {
+            Some(if state.runs.cancel(&agent.id) { "Stopping." } else { "Nothing is running." }.to_owned())
+        }
+        Some(Command::Status) => {
+            Some(state.status_text(agent).await.map_err(|e| PrepareError::Transient(e.to_string()))?)
+        }
+        None => None,
+    };
+    if let Some(answer) = answer {
+        let conversation = payload.job.conversation.clone().expect("email messages have a conversation");
+        let new = NewDelivery {
+            id: tinyfat_core::ids::new_ulid_string(ulid::Ulid::new()),
+            idempotency_key: format!("reply:{}", job.id),
+            agent_id: agent.id.clone(),
+            job_id: Some(job.id.clone()),
+            channel: "email".into(),
+            target: serde_json::to_string(&conversation).expect("serialisable"),
+            body: json!({"text": answer, "attachments": [], "email": payload.email}).to_string(),
+        };
+        store
+            .insert_delivery(&new, state.platform.now_ms())
+            .await
+            .map_err(|e| PrepareError::Transient(e.to_string()))?;
+        state.deliveries_wake.notify_one();
+        return Ok(None);
+    }
+    let new = NewJob {
+        id: tinyfat_core::ids::new_ulid_string(ulid::Ulid::new()),
+        dedup_key,
+        agent_id: agent.id.clone(),
+        session,
+        kind: JOB_KIND_MESSAGE.into(),
+        payload: serde_json::to_string(&payload).expect("serialisable"),
+    };
+    let enqueued =
+        store.enqueue(new, state.platform.now_ms()).await.map_err(|e| PrepareError::Transient(e.to_string()))?;
+    if enqueued.duplicate {
+        tracing::info!(agent = %agent.name, job = %job.id, "inbound email already received (same Message-ID); dropped");
+    } else {
+        state.wake.notify_one();
+    }
+    Ok(None)
+}
+
+/// A command that skips the turn (SPEC §6), from the first line above the quote.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Command {
+    Stop,
+    Status,
+}
+
+fn command_of(email: &InboundEmail) -> Option<Command> {
+    if email.is_stop() {
+        return Some(Command::Stop);
+    }
+    let first = email.reply.new_text.lines().map(str::trim).find(|l| !l.is_empty())?;
+    first.eq_ignore_ascii_case("/status").then_some(Command::Status)
+}
+
+/// Fetches, parses and checks an `email` job's message; `None` drops it.
+/// Returns the thread session, the Message-ID dedup key and the payload of
+/// the message job to run.
+async fn fetch_and_check(
+    state: &AppState,
+    agent: &Agent,
+    job: &Job,
+) -> Result<Option<(SessionId, String, EmailMessagePayload, Option<Command>)>, PrepareError> {
+    let platform = &state.platform;
+    let settings = &platform.settings;
+    let meta: EmailJob = serde_json::from_str(&job.payload)
+        .map_err(|e| PrepareError::Permanent(format!("unreadable email job payload: {e}")))?;
+    let key = settings
+        .email
+        .resend_api_key
+        .as_ref()
+        .ok_or_else(|| PrepareError::Permanent("email.resend_api_key (RESEND_API_KEY) is not set".into()))?;
+    let path = resend::received_email_path(&meta.email_id).map_err(|e| PrepareError::Permanent(e.to_string()))?;
+    let url = format!("{}{path}", base_url(state));
+    let response =
+        http().get(&url).bearer_auth(key.expose()).send().await.map_err(|e| PrepareError::Transient(e.to_string()))?;
+    let status = response.status().as_u16();
+    let bytes = read_capped(response).await?;
+    if status != 200 {
+        let error = resend::classify_error(status, &bytes);
+        return Err(match error.disposition {
+            Disposition::Retry => PrepareError::Transient(format!("fetching the email: {error}")),
+            Disposition::Permanent => PrepareError::Permanent(format!("fetching the email: {error}")),
+        });
+    }
+    let received = resend::parse_received_email(&bytes).map_err(|e| PrepareError::Permanent(e.to_string()))?;
+    let limits =
+        InboundLimits { message_bytes_max: settings.gateway.email_body_bytes_max as usize, ..InboundLimits::default() };
+
+    // The raw message, when Resend offers it: full MIME, attachments, DKIM.
+    let raw = match &received.raw_download_url {
+        Some(url) => {
+            let response = http().get(url).send().await.map_err(|e| PrepareError::Transient(e.to_string()))?;
+            if !response.status().is_success() {
+                return Err(PrepareError::Transient(format!("downloading the raw email: HTTP {}", response.status())));
+            }
+            Some(read_capped(response).await?)
+        }
+        None => None,
+    };
+    let email = match &raw {
+        Some(raw) => inbound::parse(raw, &limits),
+        None => received.to_inbound(&limits),
+    }
+    .map_err(|e| PrepareError::Permanent(format!("unreadable email: {e}")))?;
+
+    // Loops: automated mail, and mail from any agent's own address (or the
+    // platform's reserved ones: start@, postmaster@, noreply@ ...). Other
+    // addresses at the same domain are people: a self-hoster may share it.
+    let platform_address = email.from.domain().eq_ignore_ascii_case(&settings.email.domain)
+        && tinyfat_core::names::RESERVED_NAMES.contains(&email.from.local_part().to_ascii_lowercase().as_str());
+    let from_agent = platform_address
+        || platform
+            .store
+            .agent_by_email(&email.from)
+            .await
+            .map_err(|e| PrepareError::Transient(e.to_string()))?
+            .is_some();
+    if let Some(reason) = email.loop_reason(|a| a == &email.from && from_agent) {
+        tracing::info!(agent = %agent.name, from = %email.from, reason = %reason, "inbound email not answered (loop)");
+        return Ok(None);
+    }
+    // Allowed senders.
+    let rules = platform.store.list_senders(&agent.id).await.map_err(|e| PrepareError::Transient(e.to_string()))?;
+    if !is_allowed(&rules, &email.sender()) {
+        state.metrics.rejected_senders_total.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        tracing::warn!(
+            agent = %agent.name,
+            sender = %email.from,
+            "email from a sender that is not allowed was dropped; to admit it run: tinyfat agent allow {} {}",
+            agent.name,
+            email.from
+        );
+        return Ok(None);
+    }
+    // Authentication (DMARC-aligned DKIM or SPF) on the raw message.
+    let require_auth = settings.email.require_auth;
+    let admitted = match (&raw, authenticator()) {
+        (Some(raw), Some(auth)) => {
+            let verdict = auth.verify(raw, None).await;
+            if !verdict.admits(require_auth) {
+                tracing::warn!(agent = %agent.name, sender = %email.from, verdict = %verdict, "email failed sender authentication; dropped");
+            }
+            verdict.admits(require_auth)
+        }
+        _ => {
+            if require_auth {
+                tracing::warn!(agent = %agent.name, sender = %email.from, "email sender cannot be authenticated (no raw message); dropped (email.require_auth = false admits it)");
+            }
+            !require_auth
+        }
+    };
+    if !admitted {
+        return Ok(None);
+    }
+
+    // Attachments into the agent's storage.
+    let received_at =
+        meta.created_at.unwrap_or_else(|| DateTime::from_timestamp_millis(platform.now_ms()).unwrap_or_default());
+    let mut message = inbound::to_inbound_message(&email, received_at);
+    if !email.attachments.is_empty() {
+        let workspace =
+            platform.storage.checkout(&agent.id).await.map_err(|e| PrepareError::Transient(e.to_string()))?;
+        let date = received_at.format("%Y-%m-%d").to_string();
+        let mut saved = Vec::new();
+        for attachment in &email.attachments {
+            let name = format!("{}-{}", job.id, inbound::sanitize_filename(&attachment.filename));
+            let path = tinyfat_storage::validate_path(&format!("attachments/{date}/{name}"))
+                .map_err(|e| PrepareError::Permanent(e.to_string()))?;
+            workspace.dir.write_atomic(&path, &attachment.bytes).map_err(|e| PrepareError::Transient(e.to_string()))?;
+            saved.push(format!("/data/{path}"));
+        }
+        platform.storage.commit(&workspace).await.map_err(|e| PrepareError::Transient(e.to_string()))?;
+        message.text.push_str("\n\nSaved attachments:");
+        for path in saved {
+            message.text.push_str(&format!("\n- {path}"));
+        }
+    }
+
+    let session = thread_session(state, agent, &email).await;
+    let reply_to = email.reply_to.clone().unwrap_or_else(|| email.from.clone());
+    let payload = EmailMessagePayload {
+        job: MessageJob {
+            message,
+            conversation: Some(Conversation { channel: "email".into(), to: Some(reply_to.to_string()) }),
+            run_key: None,
+        },
+        email: Some(EmailThread::from_inbound(&email)),
+    };
+    Ok(Some((session, email.dedup_key(&agent.id), payload, command_of(&email))))
+}
+
+/// The mail's session: a reply to a mail this agent sent continues the
+/// session that sent it; otherwise the thread root's session (SPEC §5).
+async fn thread_session(state: &AppState, agent: &Agent, email: &InboundEmail) -> SessionId {
+    let domain = state.platform.settings.email.domain.to_ascii_lowercase();
+    let store = &state.platform.store;
+    for id in email.referenced_ids() {
+        let Some((local, host)) = id.rsplit_once('@') else { continue };
+        if !host.eq_ignore_ascii_case(&domain) {
+            continue;
+        }
+        let Ok(Some(delivery)) = store.get_delivery(local).await else { continue };
+        if delivery.agent_id != agent.id {
+            continue;
+        }
+        if let Some(job_id) = &delivery.job_id
+            && let Ok(Some(job)) = store.get_job(job_id).await
+        {
+            return job.session;
+        }
+    }
+    email.session_id()
+}
+
+async fn read_capped(response: reqwest::Response) -> Result<Vec<u8>, PrepareError> {
+    use futures_util::StreamExt;
+    let mut stream = response.bytes_stream();
+    let mut out = Vec::new();
+    while let Some(chunk) = stream.next().await {
+        let chunk = chunk.map_err(|e| PrepareError::Transient(e.to_string()))?;
+        if out.len() + chunk.len() > FETCH_BYTES_MAX {
+            return Err(PrepareError::Permanent(format!("the response is over {FETCH_BYTES_MAX} bytes")));
+        }
+        out.extend_from_slice(&chunk);
+    }
+    Ok(out)
+}
+
+// ---------------------------------------------------------------------------
+// Outbound: one delivery.
+
+/// What a delivery row's body holds for email: the text (markdown) and the
+/// attachments (paths in the agent's storage); outbox rows add the file's
+/// fields.
+#[derive(Debug, Default, Serialize, Deserialize)]
+struct EmailBody {
+    #[serde(default)]
+    text: String,
+    #[serde(default)]
+    attachments: Vec<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    email: Option<EmailThread>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    outbox: Option<OutboxDraft>,
+}
+
+#[derive(Debug, Default, Serialize, Deserialize)]
+struct OutboxDraft {
+    to: Vec<String>,
+    #[serde(default)]
+    cc: Vec<String>,
+    #[serde(default)]
+    bcc: Vec<String>,
+    subject: String,
+    #[serde(default)]
+    in_reply_to: Option<String>,
+    #[serde(default)]
+    references: Vec<String>,
+}
+
+/// Sends one email delivery; returns the provider's message id.
+pub async fn send(state: &AppState, delivery: &Delivery) -> Result<Option<String>, SendError> {
+    let platform = &state.platform;
+    let agent = platform
+        .store
+        .agent_by_id(&delivery.agent_id)
+        .await
+        .map_err(|e| SendError::Transient { error: e.to_string(), retry_after_ms: None })?
+        .ok_or_else(|| SendError::Permanent("the agent no longer exists".into()))?;
+    let body: EmailBody = serde_json::from_str(&delivery.body)
+        .map_err(|e| SendError::Permanent(format!("unreadable email delivery body: {e}")))?;
+    let target: Conversation = serde_json::from_str(&delivery.target)
+        .map_err(|e| SendError::Permanent(format!("unreadable email delivery target: {e}")))?;
+    let parse = |s: &str| {
+        EmailAddress::parse(s.trim()).map_err(|_| SendError::Permanent(format!("{s:?} is not an email address")))
+    };
+    let list = |v: &[String]| v.iter().map(|s| parse(s)).collect::<Result<Vec<_>, _>>();
+
+    let mut draft = Draft {
+        from: Mailbox::new(Some(agent.name.as_str()), agent.email.clone()),
+        to: Vec::new(),
+        cc: Vec::new(),
+        bcc: Vec::new(),
+        reply_to: None,
+        subject: None,
+        body_markdown: body.text.clone(),
+        parent: None,
+        attachments: Vec::new(),
+    };
+    if let Some(outbox) = &body.outbox {
+        draft.to = list(&outbox.to)?;
+        draft.cc = list(&outbox.cc)?;
+        draft.bcc = list(&outbox.bcc)?;
+        draft.subject = Some(outbox.subject.clone());
+        draft.parent = outbox.in_reply_to.as_deref().and_then(|irt| Parent::from_ids(irt, &outbox.references));
+    } else {
+        let to =
+            target.to.as_deref().ok_or_else(|| SendError::Permanent("an email delivery needs a recipient".into()))?;
+        draft.to = vec![parse(to)?];
+        draft.parent = reply_parent(state, delivery, &body, &draft.to[0]).await;
+        if draft.parent.is_none() {
+            draft.subject = Some(format!("Message from {}", agent.name));
+        }
+    }
+    if !body.attachments.is_empty() {
+        let workspace = platform
+            .storage
+            .checkout(&agent.id)
+            .await
+            .map_err(|e| SendError::Transient { error: e.to_string(), retry_after_ms: None })?;
+        draft.attachments = read_attachments(&workspace, &body.attachments).map_err(SendError::Permanent)?;
+    }
+    let date = DateTime::from_timestamp_millis(platform.now_ms()).unwrap_or_default();
+    let email = outbound::compose(draft, &delivery.id, &platform.settings.email.domain, date)
+        .map_err(|e| SendError::Permanent(e.to_string()))?;
+    match platform.settings.email.provider.as_str() {
+        "resend" => send_resend(state, &agent, &delivery.id, &email).await.map(Some),
+        other => Err(SendError::Permanent(format!("email provider {other:?} is not available in this version"))),
+    }
+}
+
+/// The parent a reply threads under: the inbound mail of the delivery's job
+/// (replies and error notes to the same person only).
+async fn reply_parent(state: &AppState, delivery: &Delivery, body: &EmailBody, to: &EmailAddress) -> Option<Parent> {
+    if let Some(thread) = &body.email {
+        return Some(thread.parent());
+    }
+    let is_reply = delivery.idempotency_key.starts_with("reply:") || delivery.idempotency_key.starts_with("error:");
+    let job_id = delivery.job_id.as_deref()?;
+    let job = state.platform.store.get_job(job_id).await.ok()??;
+    let payload: EmailMessagePayload = serde_json::from_str(&job.payload).ok()?;
+    let conversation_to = payload.job.conversation.as_ref().and_then(|c| c.to.clone());
+    let same_person = conversation_to.as_deref().is_some_and(|c| c.eq_ignore_ascii_case(to.as_str()));
+    if !(is_reply || same_person) {
+        return None;
+    }
+    payload.email.map(|thread| thread.parent())
+}
+
+fn read_attachments(workspace: &Workspace, paths: &[String]) -> Result<Vec<OutboundAttachment>, String> {
+    let mut out = Vec::new();
+    for raw in paths {
+        let rel = raw.strip_prefix("/data/").unwrap_or(raw);
+        let path = tinyfat_storage::validate_path(rel).map_err(|e| format!("attachment {raw:?}: {e}"))?;
+        let bytes =
+            workspace.dir.read(&path, ATTACHMENT_FILE_BYTES_MAX).map_err(|e| format!("attachment {raw:?}: {e}"))?;
+        let name = path.split_last().map(|(_, n)| n.to_owned()).unwrap_or_else(|| "attachment".into());
+        out.push(OutboundAttachment::new(&name, bytes));
+    }
+    Ok(out)
+}
+
+async fn send_resend(
+    state: &AppState,
+    agent: &Agent,
+    delivery_id: &str,
+    email: &outbound::OutboundEmail,
+) -> Result<String, SendError> {
+    let settings = &state.platform.settings.email;
+    let key = settings
+        .resend_api_key
+        .as_ref()
+        .ok_or_else(|| SendError::Permanent("email.resend_api_key (RESEND_API_KEY) is not set".into()))?;
+    let response = http()
+        .post(format!("{}/emails", base_url(state)))
+        .bearer_auth(key.expose())
+        .header("Idempotency-Key", outbound::idempotency_key(&agent.id, delivery_id))
+        .header(reqwest::header::CONTENT_TYPE, "application/json")
+        .body(email.resend_json())
+        .send()
+        .await
+        .map_err(|e| SendError::Transient { error: format!("Resend: {e}"), retry_after_ms: None })?;
+    let status = response.status().as_u16();
+    let retry_after_ms = response
+        .headers()
+        .get(reqwest::header::RETRY_AFTER)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.trim().parse::<f64>().ok())
+        .filter(|s| s.is_finite() && *s >= 0.0)
+        .map(|s| (s * 1000.0).min(3_600_000.0) as i64);
+    let bytes = response
+        .bytes()
+        .await
+        .map_err(|e| SendError::Transient { error: format!("Resend: {e}"), retry_after_ms: None })?;
+    if (200..300).contains(&status) {
+        return resend::parse_send_response(&bytes).map_err(|e| SendError::Permanent(e.to_string()));
+    }
+    let error = resend::classify_error(status, &bytes);
+    Err(match error.disposition {
+        Disposition::Retry => SendError::Transient { error: error.to_string(), retry_after_ms },
+        Disposition::Permanent => SendError::Permanent(error.to_string()),
+    })
+}
+
+// ---------------------------------------------------------------------------
+// The outbox.
+
+fn rel(path: &str) -> RelPath {
+    tinyfat_storage::validate_path(path).expect("a fixed outbox path is valid")
 }
 
 /// Claims and sends the agent's outbox files (fenced by `lease`).
-pub async fn process_outbox(_state: &AppState, _agent: &Agent, _lease: &Lease) {}
+pub async fn process_outbox(state: &AppState, agent: &Agent, lease: &Lease) {
+    if let Err(e) = process_outbox_inner(state, agent, lease).await {
+        tracing::warn!(agent = %agent.name, error = %e, "processing the outbox stopped");
+    }
+}
 
-/// Sends one email delivery; returns the provider's message id.
-pub async fn send(_state: &AppState, _delivery: &Delivery) -> Result<Option<String>, SendError> {
-    Err(SendError::Permanent("no email provider is configured on this server".into()))
+async fn process_outbox_inner(state: &AppState, agent: &Agent, lease: &Lease) -> Result<(), String> {
+    let platform = &state.platform;
+    let workspace = platform.storage.checkout(&agent.id).await.map_err(|e| e.to_string())?;
+    let dir = &workspace.dir;
+    let list = |path: &str| -> Result<Vec<String>, String> {
+        match dir.list(&rel(path)) {
+            Ok(entries) => {
+                let mut names: Vec<String> = entries
+                    .into_iter()
+                    .filter(|e| e.kind == EntryKind::File && e.name.ends_with(".json") && !e.name.starts_with('.'))
+                    .map(|e| e.name)
+                    .collect();
+                names.sort();
+                Ok(names)
+            }
+            Err(FileError::NotFound(_)) => Ok(Vec::new()),
+            Err(e) => Err(e.to_string()),
+        }
+    };
+    // Left in sending/ by a crash: resend under the same delivery id first.
+    let mut claimed: Vec<String> = list("outbox/sending")?
+        .into_iter()
+        .filter_map(|n| n.strip_suffix(".json").map(str::to_owned))
+        .filter(|id| ulid::Ulid::from_string(id).is_ok())
+        .collect();
+    for name in list("outbox/email")?.into_iter().take(OUTBOX_FILES_PER_RUN_MAX) {
+        let id = tinyfat_core::ids::new_ulid_string(ulid::Ulid::new());
+        let from = rel(&format!("outbox/email/{name}"));
+        match dir.rename(&from, &rel(&format!("outbox/sending/{id}.json")), false) {
+            Ok(()) => claimed.push(id),
+            Err(FileError::NotFound(_)) => {}
+            Err(e) => tracing::warn!(agent = %agent.name, file = %from, error = %e, "claiming an outbox file failed"),
+        }
+    }
+    let mut changed = false;
+    for delivery_id in claimed {
+        if !platform.store.renew(lease, platform.now_ms(), crate::worker::LEASE_MS).await.unwrap_or(false) {
+            return Err("the lease was lost".into());
+        }
+        changed = true;
+        send_outbox_file(state, agent, lease, &workspace, &delivery_id).await?;
+    }
+    if changed {
+        platform.storage.commit(&workspace).await.map_err(|e| e.to_string())?;
+    }
+    Ok(())
+}
+
+async fn send_outbox_file(
+    state: &AppState,
+    agent: &Agent,
+    lease: &Lease,
+    workspace: &Workspace,
+    delivery_id: &str,
+) -> Result<(), String> {
+    let platform = &state.platform;
+    let store = &platform.store;
+    let dir = &workspace.dir;
+    let sending = rel(&format!("outbox/sending/{delivery_id}.json"));
+    let original = match dir.read(&sending, outbox_file::FILE_BYTES_MAX as u64 + 1) {
+        Ok(bytes) => bytes,
+        Err(e @ (FileError::Symlink(_) | FileError::NotRegular { .. } | FileError::TooLarge { .. })) => {
+            let _ = dir.remove_file(&sending);
+            let failed = outbox_file::mark_failed(b"", &e.to_string(), now(state));
+            return dir
+                .write_atomic(&rel(&format!("outbox/failed/{delivery_id}.json")), &failed)
+                .map_err(|e| e.to_string());
+        }
+        Err(e) => return Err(e.to_string()),
+    };
+    let file_away = |result: Result<String, String>| -> Result<(), String> {
+        let (folder, bytes) = match &result {
+            Ok(provider_id) => ("sent", outbox_file::mark_sent(&original, now(state), provider_id)),
+            Err(error) => ("failed", outbox_file::mark_failed(&original, error, now(state))),
+        };
+        let target = rel(&format!("outbox/{folder}/{delivery_id}.json"));
+        dir.write_atomic(&target, &bytes).map_err(|e| e.to_string())?;
+        dir.remove_file(&sending).map_err(|e| e.to_string())?;
+        match result {
+            Ok(id) => {
+                tracing::info!(agent = %agent.name, delivery = %delivery_id, provider_id = %id, "outbox email sent")
+            }
+            Err(error) => {
+                tracing::warn!(agent = %agent.name, delivery = %delivery_id, error = %error, "outbox email failed")
+            }
+        }
+        Ok(())
+    };
+    // A row from an earlier run decides: sent → just file it.
+    let existing = store.get_delivery(delivery_id).await.map_err(|e| e.to_string())?;
+    if let Some(row) = &existing {
+        match row.state {
+            DeliveryState::Sent => return file_away(Ok(row.provider_message_id.clone().unwrap_or_default())),
+            DeliveryState::Failed => {
+                return file_away(Err(row.last_error.clone().unwrap_or_else(|| "delivery failed".into())));
+            }
+            // Deferred by a provider's retry-after: the delivery loop sends it
+            // when due, and a later run files it.
+            DeliveryState::Pending if row.next_attempt_ms > platform.now_ms() => return Ok(()),
+            // Pending, or `sending` left by a crash: send again, same key.
+            DeliveryState::Pending | DeliveryState::Sending => {}
+        }
+    }
+    let parsed = match outbox_file::parse(&original) {
+        Ok(p) => p,
+        Err(e) => return file_away(Err(e.to_string())),
+    };
+    if existing.is_none() {
+        if let Err(error) = check_outbox_policy(state, agent, workspace, &parsed).await {
+            return file_away(Err(error));
+        }
+        let body = EmailBody {
+            text: parsed.body.clone(),
+            attachments: parsed.attachments.iter().map(|p| p.to_string()).collect(),
+            email: None,
+            outbox: Some(OutboxDraft {
+                to: parsed.to.iter().map(ToString::to_string).collect(),
+                cc: parsed.cc.iter().map(ToString::to_string).collect(),
+                bcc: parsed.bcc.iter().map(ToString::to_string).collect(),
+                subject: parsed.subject.clone(),
+                in_reply_to: parsed.in_reply_to.clone(),
+                references: parsed.references.clone(),
+            }),
+        };
+        let new = NewDelivery {
+            id: delivery_id.to_owned(),
+            idempotency_key: format!("outbox:{delivery_id}"),
+            agent_id: agent.id.clone(),
+            job_id: None,
+            channel: "email".into(),
+            target: json!({"channel": "email", "to": parsed.to.first().map(ToString::to_string)}).to_string(),
+            body: serde_json::to_string(&body).expect("serialisable"),
+        };
+        if let Err(e) = store.insert_delivery(&new, platform.now_ms()).await {
+            return Err(e.to_string());
+        }
+    }
+    // Claim the row (the delivery loop skips `sending` rows until stale) and send.
+    let _ = store.mark_delivery_sending(delivery_id, platform.now_ms(), 60_000).await;
+    let row = store.get_delivery(delivery_id).await.map_err(|e| e.to_string())?.ok_or("the delivery row vanished")?;
+    let mut attempt = 0;
+    loop {
+        attempt += 1;
+        if attempt > 1 && !store.renew(lease, platform.now_ms(), crate::worker::LEASE_MS).await.unwrap_or(false) {
+            return Err("the lease was lost".into());
+        }
+        match send(state, &row).await {
+            Ok(provider_id) => {
+                let id = provider_id.unwrap_or_default();
+                let _ = store.mark_delivery_sent(delivery_id, Some(&id), platform.now_ms()).await;
+                state.metrics.deliveries_sent_total.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                return file_away(Ok(id));
+            }
+            Err(SendError::Permanent(error)) => {
+                let _ = store.mark_delivery_failed(delivery_id, &error, None, platform.now_ms()).await;
+                return file_away(Err(error));
+            }
+            Err(SendError::Transient { error, retry_after_ms }) => {
+                let wait = Duration::from_millis(retry_after_ms.unwrap_or(1_000).max(0) as u64);
+                if attempt >= INLINE_ATTEMPTS_MAX || wait > INLINE_RETRY_WAIT_MAX {
+                    // Left in sending/ with a pending row: the next run (or the
+                    // delivery loop, then the next run files it) retries.
+                    let retry_at = platform.now_ms() + wait.as_millis() as i64;
+                    let _ = store.mark_delivery_failed(delivery_id, &error, Some(retry_at), platform.now_ms()).await;
+                    tracing::warn!(agent = %agent.name, delivery = %delivery_id, error = %error, "outbox email deferred");
+                    return Ok(());
+                }
+                tokio::time::sleep(wait).await;
+            }
+        }
+    }
+}
+
+fn now(state: &AppState) -> DateTime<Utc> {
+    DateTime::from_timestamp_millis(state.platform.now_ms()).unwrap_or_default()
+}
+
+/// Allowed recipients (unless config.json says `recipients: any`), the
+/// daily send limit, and attachments readable without following links.
+async fn check_outbox_policy(
+    state: &AppState,
+    agent: &Agent,
+    workspace: &Workspace,
+    parsed: &outbox_file::OutboxEmail,
+) -> Result<(), String> {
+    let platform = &state.platform;
+    let config = workspace
+        .dir
+        .read_string_opt(&crate::provision::config_path(), crate::provision::CONFIG_BYTES_MAX)
+        .map_err(|e| e.to_string())?
+        .and_then(|s| serde_json::from_str::<AgentConfig>(&s).ok());
+    let any = config.is_some_and(|c| c.recipients == tinyfat_core::agent_config::Recipients::Any);
+    if !any {
+        let rules = platform.store.list_senders(&agent.id).await.map_err(|e| e.to_string())?;
+        if let Some(refused) = parsed.recipients().find(|r| !is_allowed(&rules, &SenderIdentity::Email((*r).clone()))) {
+            return Err(format!(
+                "recipient {refused} is not among the agent's allowed senders (config.json \"recipients\": \"any\" allows everyone)"
+            ));
+        }
+    }
+    let max = platform.settings.outbox.sends_per_day_max;
+    let day_start = platform.now_ms() - platform.now_ms().rem_euclid(86_400_000);
+    let recent = platform.store.deliveries_for(&agent.id, max.saturating_add(100)).await.map_err(|e| e.to_string())?;
+    let today = recent
+        .iter()
+        .filter(|d| {
+            d.idempotency_key.starts_with("outbox:") && d.created_ms >= day_start && d.state != DeliveryState::Failed
+        })
+        .count();
+    if today >= max as usize {
+        return Err(format!("the daily limit of {max} outbox emails is reached (outbox.sends_per_day_max)"));
+    }
+    let paths: Vec<String> = parsed.attachments.iter().map(|p| p.to_string()).collect();
+    read_attachments(workspace, &paths).map(drop)
 }
 
 /// Starts the SMTP listener and IMAP pollers that the settings enable.

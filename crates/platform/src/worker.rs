@@ -149,6 +149,23 @@ pub async fn process(state: &AppState, claim: Claim, shutting_down: &AtomicBool)
             }
             continue;
         }
+        if job.kind == crate::email::JOB_KIND_EMAIL {
+            match crate::email::prepare_email_job_detailed(state, &agent, job).await {
+                Ok(Some(message)) => batch.push((job.id.clone(), message)),
+                Ok(None) => outcomes.push(JobOutcome { job_id: job.id.clone(), outcome: Outcome::Done }),
+                Err(e) => outcomes.push(JobOutcome {
+                    job_id: job.id.clone(),
+                    outcome: Outcome::Failed {
+                        failure: match e {
+                            crate::email::PrepareError::Transient(_) => Failure::Transient,
+                            crate::email::PrepareError::Permanent(_) => Failure::Permanent,
+                        },
+                        error: e.message().to_owned(),
+                    },
+                }),
+            }
+            continue;
+        }
         match (job.kind.as_str(), serde_json::from_str::<MessageJob>(&job.payload)) {
             (JOB_KIND_MESSAGE, Ok(message)) => batch.push((job.id.clone(), message)),
             (kind, parsed) => outcomes.push(JobOutcome {

@@ -1,16 +1,20 @@
 //! Test doubles for the internet services tinyfat talks to. Today: a fake
 //! model server ([`FakeModel`]) that speaks both the Anthropic Messages API
 //! and the OpenAI Chat Completions API in their documented streaming wire
-//! formats, answers from a per-test script, and records every request.
+//! formats, answers from a per-test script, and records every request; and
+//! a fake Resend ([`FakeResend`]: send and received-email APIs, with
+//! `Idempotency-Key` dedup and scriptable 429s).
 //!
 //! Architecture invariants: the fakes speak the providers' wire formats and
 //! nothing of tinyfat's (tests drive the real clients against them); they
 //! bind loopback only; and they hold no global state, so tests run in
 //! parallel, each with its own server.
 
+pub mod resend;
 pub mod script;
 pub mod server;
 mod wire;
 
+pub use resend::{FakeResend, ResendRequest};
 pub use script::{HttpError, Reply, Script, ScriptStop, ToolCall};
 pub use server::{Api, FakeModel, RecordedRequest};
