@@ -72,7 +72,11 @@ fn wrk(url: &str, connections: u32, post: bool) -> String {
     let p50 = text.lines().find(|l| l.trim_start().starts_with("50%")).unwrap_or("50% ?").trim().to_owned();
     let p99 = text.lines().find(|l| l.trim_start().starts_with("99%")).unwrap_or("99% ?").trim().to_owned();
     let errors = text.lines().find(|l| l.contains("Non-2xx")).map(|l| format!(" ({})", l.trim())).unwrap_or_default();
-    format!("{rps:<28} p50 {:<10} p99 {:<10}{errors}", p50.trim_start_matches("50%").trim(), p99.trim_start_matches("99%").trim())
+    format!(
+        "{rps:<28} p50 {:<10} p99 {:<10}{errors}",
+        p50.trim_start_matches("50%").trim(),
+        p99.trim_start_matches("99%").trim()
+    )
 }
 
 async fn fixed_rate(client: &reqwest::Client, url: &str, rate: u32, seconds: u32) -> String {
@@ -103,14 +107,19 @@ async fn fixed_rate(client: &reqwest::Client, url: &str, rate: u32, seconds: u32
     let achieved = total as f64 / start.elapsed().as_secs_f64();
     latencies.sort();
     let p = |q: f64| latencies[((latencies.len() - 1) as f64 * q) as usize].as_secs_f64() * 1e3;
-    format!("offered {rate}/s achieved {achieved:.0}/s  p50 {:.2} ms  p99 {:.2} ms  failures {failures}", p(0.5), p(0.99))
+    format!(
+        "offered {rate}/s achieved {achieved:.0}/s  p50 {:.2} ms  p99 {:.2} ms  failures {failures}",
+        p(0.5),
+        p(0.99)
+    )
 }
 
 #[tokio::main]
 async fn main() {
     let tmp = tempfile::tempdir().unwrap();
     let env = [("TINYFAT_SANDBOX_MODE".to_owned(), "none".to_owned())].into_iter().collect();
-    let settings = Settings::load(&Sources { data_dir: Some(tmp.path().to_owned()), env, ..Default::default() }).unwrap();
+    let settings =
+        Settings::load(&Sources { data_dir: Some(tmp.path().to_owned()), env, ..Default::default() }).unwrap();
     let platform = Arc::new(Platform::open(settings).await.unwrap());
     let owner = EmailAddress::parse("ann@example.com").unwrap();
     let agent = platform.create_agent(CreateAgent { owner, name: Some("bench".into()), model: None }).await.unwrap();
