@@ -394,3 +394,31 @@ async fn two_hundred_agents_at_once_are_all_answered() {
         replies.iter().filter(|r| *r != "hello agent").collect::<Vec<_>>()
     );
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn sigterm_lets_the_running_turn_finish_then_exits() {
+    let env = env().await;
+    let mut server = Server::start(&env.data, &env.fake, "all");
+    env.fake.push(Script::text_deltas(&["still ", "finishing ", "this"]).with_chunk_delay(Duration::from_millis(300)));
+    let response = env.post_chat(&server, json!({"message": "long answer", "request_id": "rt"})).await;
+    let mut events = read_sse(response, Some(&|e: &Value| e["type"] == "text_delta")).await;
+    let status = Command::new("kill").args(["-TERM", &server.child.id().to_string()]).status().unwrap();
+    assert!(status.success());
+    let exited = tokio::task::spawn_blocking(move || {
+        let status = server.child.wait().unwrap();
+        (status, server)
+    })
+    .await
+    .unwrap();
+    assert!(exited.0.success(), "serve exits cleanly after SIGTERM: {:?}", exited.0);
+    events.clear();
+    // The turn that was running finished before the exit: its answer is recorded once.
+    let records = env.session("web-main");
+    assert_eq!(count(&records, "long answer"), (1, 1));
+    let answer = records.iter().rev().find_map(|r| match &r.body {
+        RecordBody::Message { message, .. } if message.role == Role::Assistant => Some(message.text()),
+        _ => None,
+    });
+    assert_eq!(answer.as_deref(), Some("still finishing this"));
+    assert_eq!(reply_deliveries(&env).await.len(), 1);
+}
