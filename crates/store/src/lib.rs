@@ -14,6 +14,7 @@
 pub mod delivery;
 pub mod queue;
 mod sqlite;
+pub mod timers;
 
 use std::sync::Arc;
 
@@ -26,6 +27,7 @@ pub use queue::{
     QueueCounts, QueuePolicy, Settled, backoff_ms,
 };
 pub use sqlite::SqliteStore;
+pub use timers::{TimerRow, Timers};
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
@@ -123,6 +125,8 @@ pub struct DeletedRows {
     pub deliveries: u64,
     /// Days of token usage.
     pub usage_days: u64,
+    /// Scheduler timers (one per event directory).
+    pub timers: u64,
 }
 
 #[async_trait]
@@ -147,7 +151,7 @@ pub trait MetadataStore: Send + Sync + std::fmt::Debug {
     async fn set_agent_model(&self, id: &AgentId, model: &str) -> Result<()>;
     /// Removes the agent and every row that belongs to it, in one transaction:
     /// senders, secrets, jobs (dead letters included), their dedup keys, the
-    /// agent's lease, deliveries and usage. A worker holding the lease finds
+    /// agent's lease, deliveries, usage and timers. A worker holding the lease finds
     /// it lost at its next renewal.
     async fn delete_agent(&self, id: &AgentId) -> Result<DeletedRows>;
 
@@ -174,9 +178,9 @@ pub trait MetadataStore: Send + Sync + std::fmt::Debug {
 
 /// Everything the store offers, as one object: `Arc<dyn Store>` upcasts to
 /// `Arc<dyn MetadataStore>`, `Arc<dyn JobQueue>` and the others.
-pub trait Store: MetadataStore + JobQueue + Deliveries + UsageLedger {}
+pub trait Store: MetadataStore + JobQueue + Deliveries + UsageLedger + Timers {}
 
-impl<T: MetadataStore + JobQueue + Deliveries + UsageLedger + ?Sized> Store for T {}
+impl<T: MetadataStore + JobQueue + Deliveries + UsageLedger + Timers + ?Sized> Store for T {}
 
 /// Opens the store a `database_url` names, with the default `QueuePolicy`.
 pub async fn connect(database_url: &str) -> Result<Arc<dyn Store>> {

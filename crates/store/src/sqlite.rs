@@ -2,7 +2,8 @@
 //! acknowledged write survives power loss), foreign keys on, and the
 //! embedded migrations of `migrations/sqlite`. All SQLite-specific SQL lives
 //! in this module and its children: `group_commit` (the enqueue writer),
-//! `queue` (claims, leases, dead letters) and `delivery` (deliveries, usage).
+//! `queue` (claims, leases, dead letters), `delivery` (deliveries, usage)
+//! and `timers` (the scheduler's timers).
 //!
 //! Every transaction that reads and then writes starts with `BEGIN
 //! IMMEDIATE`: it takes SQLite's write lock up front, so several processes on
@@ -12,6 +13,7 @@
 mod delivery;
 mod group_commit;
 mod queue;
+mod timers;
 
 use std::str::FromStr;
 use std::time::Duration;
@@ -256,9 +258,10 @@ impl MetadataStore for SqliteStore {
         delete("DELETE FROM agent_leases WHERE agent_id = ?").await?;
         let deliveries = delete("DELETE FROM deliveries WHERE agent_id = ?").await?;
         let usage_days = delete("DELETE FROM usage_daily WHERE agent_id = ?").await?;
+        let timers = delete("DELETE FROM timers WHERE agent_id = ?").await?;
         let agents = delete("DELETE FROM agents WHERE id = ?").await?;
         tx.commit().await?;
-        Ok(DeletedRows { agents, senders, secrets, jobs, dead_letters, deliveries, usage_days })
+        Ok(DeletedRows { agents, senders, secrets, jobs, dead_letters, deliveries, usage_days, timers })
     }
 
     async fn add_sender(&self, agent: &AgentId, pattern: &SenderPattern, now_ms: i64) -> Result<bool> {

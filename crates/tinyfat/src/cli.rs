@@ -66,6 +66,11 @@ pub enum Command {
     /// The dead-letter queue: jobs that failed for good.
     #[command(subcommand)]
     Dlq(crate::admin::DlqCommand),
+    /// Print the agent's wake manifest (scheduled events and next fire times).
+    Events {
+        /// The agent's name (or id).
+        name: String,
+    },
     /// Apply database migrations and exit.
     Migrate,
 }
@@ -207,6 +212,10 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Dlq(cmd) => {
             init_logging("warn");
             crate::admin::dlq(&open(global).await?, global.json, cmd).await
+        }
+        Command::Events { name } => {
+            init_logging("warn");
+            crate::events::run(&open(global).await?, &name, global.json).await
         }
         Command::Key(KeyCommand::Rotate) => {
             init_logging("warn");

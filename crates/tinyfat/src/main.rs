@@ -8,6 +8,7 @@
 mod admin;
 mod chat;
 mod cli;
+mod events;
 mod output;
 
 use std::process::ExitCode;
