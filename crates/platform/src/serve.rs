@@ -126,6 +126,24 @@ pub async fn serve(platform: Arc<Platform>, listen: &str, role: Role) -> anyhow:
     }
     *ready.sandbox.lock().expect("readiness lock") = Some((health.ok, health.message.clone()));
 
+    let settings = &platform.settings;
+    let key_state = |key: &Option<tinyfat_core::Secret>, secret: &str| match key {
+        Some(_) => "platform key set".to_owned(),
+        None => format!("no platform key (each agent needs its `{secret}` secret)"),
+    };
+    tracing::info!(
+        "model: default {}; Anthropic: {}; OpenAI-compatible: {}",
+        settings.model.default,
+        key_state(&settings.model.anthropic_api_key, "anthropic_api_key"),
+        key_state(&settings.model.openai_api_key, "openai_api_key")
+    );
+    match (&settings.email.resend_webhook_secret, &settings.email.resend_api_key) {
+        (Some(_), Some(_)) => {
+            tracing::info!("email: Resend webhook ready at /webhooks/resend; agents are NAME@{}", settings.email.domain)
+        }
+        _ => tracing::info!("email: Resend off (set RESEND_API_KEY and RESEND_WEBHOOK_SECRET to receive mail)"),
+    }
+
     let mut background = tokio::task::JoinSet::new();
     if role.runs_worker() {
         let config = crate::worker::WorkerConfig::default();
