@@ -265,7 +265,7 @@ fn follow(
 }
 
 /// The final answer that followed `job_id`'s user record in the session file.
-async fn reply_of(state: &AppState, agent: &Agent, session: &SessionId, job_id: &str) -> Option<String> {
+pub async fn reply_of(state: &AppState, agent: &Agent, session: &SessionId, job_id: &str) -> Option<String> {
     let workspace = state.platform.storage.checkout(&agent.id).await.ok()?;
     let log = SessionLog::load(&workspace.dir, session).ok()?;
     let start = log.records.iter().position(

@@ -225,8 +225,14 @@ pub async fn process(state: &AppState, claim: Claim, shutting_down: &AtomicBool)
         conversation: conversation.clone(),
     };
     let tokens_today = platform.tokens_used_today(&agent).await.unwrap_or(0);
+    let mut streamed = String::new();
     let result = platform
         .run_turn(&agent, input, cancel.clone(), tokens_today, &mut |event| {
+            match &event {
+                TurnEvent::TextDelta(text) => streamed.push_str(text),
+                TurnEvent::Restart { .. } => streamed.clear(),
+                _ => {}
+            }
             if let Some(value) = event_json(&event) {
                 for key in &run_keys {
                     state.runs.push(key, value.clone());
@@ -284,6 +290,10 @@ pub async fn process(state: &AppState, claim: Claim, shutting_down: &AtomicBool)
                 return;
             }
             for key in &run_keys {
+                // A reply that was not streamed (a command's answer, a limit notice).
+                if let Some(reply) = outcome.reply.as_deref().filter(|r| !streamed.contains(r)) {
+                    state.runs.push(key, json!({"type": "text_delta", "delta": reply}));
+                }
                 state.runs.push(key, json!({"type": "run_complete", "session": claim.session.to_string()}));
                 state.runs.close_log(key);
             }

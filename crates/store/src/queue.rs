@@ -292,6 +292,9 @@ pub trait JobQueue: Send + Sync + std::fmt::Debug {
     /// (`LEASE_LOST_ERROR`) and run again, or are dead at `attempts_max`.
     /// `None`: nothing is claimable now.
     async fn claim_next(&self, owner: &str, now_ms: i64, lease_ms: i64) -> Result<Option<Claim>>;
+    /// `claim_next` restricted to one agent (the terminal runs its own job
+    /// in-process this way, under the same lease as every worker).
+    async fn claim_for_agent(&self, agent: &AgentId, owner: &str, now_ms: i64, lease_ms: i64) -> Result<Option<Claim>>;
 
     /// Extends the lease and its running jobs to `now_ms + lease_ms`. `false`:
     /// the lease was lost (another owner took it, or it was released or its

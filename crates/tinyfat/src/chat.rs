@@ -5,14 +5,18 @@
 
 use std::io::{BufRead, IsTerminal, Write};
 
+use std::sync::Arc;
+use std::sync::atomic::AtomicBool;
+
 use anyhow::Context;
 use serde_json::Value;
+use tinyfat_core::sender::SenderIdentity;
 use tinyfat_core::session::SessionId;
-use tinyfat_model::CancelToken;
 use tinyfat_platform::Platform;
-use tinyfat_platform::turns::RunError;
-use tinyfat_runtime::{Conversation, InboundMessage, TurnEvent, TurnInput};
-use tinyfat_store::Agent;
+use tinyfat_platform::inbound::{Ingest, IngestOutcome, MessageJob};
+use tinyfat_platform::state::AppState;
+use tinyfat_runtime::{Conversation, InboundMessage};
+use tinyfat_store::{Agent, JobState};
 
 /// `cli-main`, `cli-ID`, or a full session id the user named.
 pub fn session_id(given: Option<&str>) -> anyhow::Result<SessionId> {
@@ -35,120 +39,157 @@ pub fn summarize_call(name: &str, input: &Value) -> String {
     if short.len() < one_line.len() { format!("{name}: {short}…") } else { format!("{name}: {short}") }
 }
 
-fn render(event: TurnEvent, out: &mut impl Write, at_line_start: &mut bool) {
-    match event {
-        TurnEvent::TextDelta(text) => {
-            let _ = out.write_all(text.as_bytes());
+/// Renders one run event (the SSE shape of SPEC §4) on the terminal.
+fn render(event: &Value, out: &mut impl Write, at_line_start: &mut bool) {
+    let text = |k: &str| event.get(k).and_then(Value::as_str).unwrap_or_default().to_owned();
+    match event.get("type").and_then(Value::as_str) {
+        Some("text_delta") => {
+            let delta = text("delta");
+            let _ = out.write_all(delta.as_bytes());
             let _ = out.flush();
-            *at_line_start = text.ends_with('\n');
+            *at_line_start = delta.ends_with('\n');
         }
-        TurnEvent::ToolCall { name, input, .. } => {
+        Some("tool_call") => {
             if !*at_line_start {
                 let _ = writeln!(out);
                 *at_line_start = true;
             }
-            eprintln!("  ⚙ {}", summarize_call(&name, &input));
+            eprintln!("  ⚙ {}", summarize_call(&text("name"), event.get("input").unwrap_or(&Value::Null)));
         }
-        TurnEvent::ToolResult { output, is_error, .. } => {
+        Some("tool_result") => {
+            let output = text("output");
             let first = output.lines().next().unwrap_or("").chars().take(100).collect::<String>();
-            let lines = output.lines().count();
-            if is_error {
+            if event.get("is_error").and_then(Value::as_bool).unwrap_or(false) {
                 eprintln!("    ✗ {first}");
             } else {
-                eprintln!("    ↳ {lines} line(s)");
+                eprintln!("    ↳ {} line(s)", output.lines().count());
             }
         }
-        TurnEvent::Restart { reason } => {
-            eprintln!("\n  (retrying: {reason})");
-        }
+        Some("error") => eprintln!("\n  (error: {})", text("message")),
+        _ => {}
     }
 }
 
+/// Runs one message through the queue: enqueue (the same inbound path as
+/// every channel), then claim the agent's jobs in-process under its lease —
+/// so a turn never overlaps one that a running server holds — and stream the
+/// run's events. If a server's worker claims the job first, wait for it.
 async fn one_turn(
-    platform: &Platform,
+    state: &AppState,
     agent: &Agent,
     session: &SessionId,
     text: &str,
     as_json: bool,
 ) -> anyhow::Result<Option<String>> {
-    let cancel = CancelToken::new();
-    let ctrl_c = {
-        let cancel = cancel.clone();
-        tokio::spawn(async move {
-            if tokio::signal::ctrl_c().await.is_ok() {
-                eprintln!("\n  (stopping…)");
-                cancel.cancel();
-            }
-        })
-    };
-    let input = TurnInput {
+    let platform = &state.platform;
+    let job_key = format!("cli:{}:{}", agent.id, tinyfat_core::ids::new_ulid_string(ulid::Ulid::new()));
+    state.runs.open_log(&job_key);
+    let ingest = Ingest {
+        dedup_key: job_key.clone(),
         session: session.clone(),
-        job_id: format!("cli:{}", tinyfat_core::ids::new_ulid_string(ulid::Ulid::new())),
-        messages: vec![InboundMessage {
-            channel: "cli".into(),
-            sender: "terminal".into(),
-            text: text.to_owned(),
-            received_at: chrono::Utc::now(),
-            untrusted: vec![],
-        }],
-        conversation: Some(Conversation { channel: "cli".into(), to: None }),
-        message_jobs: vec![],
+        sender: SenderIdentity::Local("terminal".into()),
+        job: MessageJob {
+            message: InboundMessage {
+                channel: "cli".into(),
+                sender: "terminal".into(),
+                text: text.to_owned(),
+                received_at: chrono::Utc::now(),
+                untrusted: vec![],
+            },
+            conversation: Some(Conversation { channel: "cli".into(), to: None }),
+            run_key: Some(job_key.clone()),
+        },
     };
-    let mut stdout = std::io::stdout();
-    let mut at_line_start = true;
-    let mut streamed = String::new();
-    let tokens_today = platform.tokens_used_today(agent).await.unwrap_or(0);
-    let result = platform
-        .run_turn(agent, input, cancel, tokens_today, &mut |event| {
-            if let TurnEvent::TextDelta(t) = &event {
-                streamed.push_str(t);
-            }
-            if let TurnEvent::Restart { .. } = &event {
-                streamed.clear();
-            }
+    let job_id = match state.ingest(agent, ingest).await? {
+        IngestOutcome::Answered(reply) => {
             if !as_json {
-                render(event, &mut stdout, &mut at_line_start);
-            }
-        })
-        .await;
-    ctrl_c.abort();
-    let outcome = match result {
-        Ok(outcome) => outcome,
-        Err(RunError::Turn(e)) => anyhow::bail!("{e}"),
-        Err(RunError::Platform(e)) => return Err(e.into()),
-    };
-    platform.record_usage(agent, &outcome.usage).await?;
-    if !as_json {
-        // Text that was not streamed (a command's answer, a limit notice).
-        match &outcome.reply {
-            Some(reply) if !streamed.contains(reply.as_str()) => {
-                if !at_line_start {
-                    println!();
-                }
                 println!("{reply}");
             }
-            _ if !at_line_start => println!(),
-            _ => {}
+            return Ok(Some(reply));
         }
+        IngestOutcome::Rejected => anyhow::bail!("the terminal may not write to {}", agent.name),
+        IngestOutcome::Enqueued { job_id, .. } => job_id,
+    };
+
+    let mut subscription = state.runs.subscribe(&job_key).context("run log")?;
+    let printer = tokio::spawn(async move {
+        let mut stdout = std::io::stdout();
+        let mut at_line_start = true;
+        let mut reply = String::new();
+        while let Ok(event) = subscription.live.recv().await {
+            if event.as_str() == Some("[DONE]") {
+                break;
+            }
+            if event.get("type").and_then(Value::as_str) == Some("text_delta") {
+                reply.push_str(event.get("delta").and_then(Value::as_str).unwrap_or_default());
+            }
+            if !as_json {
+                render(&event, &mut stdout, &mut at_line_start);
+            }
+        }
+        if !as_json && !at_line_start {
+            println!();
+        }
+        reply
+    });
+    let ctrl_c = {
+        let (runs, agent_id) = (state.runs.clone(), agent.id.clone());
+        tokio::spawn(async move {
+            while tokio::signal::ctrl_c().await.is_ok() {
+                eprintln!("\n  (stopping…)");
+                runs.cancel(&agent_id);
+            }
+        })
+    };
+    let owner = format!("cli-{}-{}", std::process::id(), ulid::Ulid::new());
+    let shutting_down = AtomicBool::new(false);
+    let result = loop {
+        let now = platform.now_ms();
+        match platform.store.claim_for_agent(&agent.id, &owner, now, tinyfat_platform::worker::LEASE_MS).await? {
+            Some(claim) => tinyfat_platform::worker::process(state, claim, &shutting_down).await,
+            None => tokio::time::sleep(std::time::Duration::from_millis(100)).await,
+        }
+        match platform.store.get_job(&job_id).await? {
+            Some(job) if job.state == JobState::Done => break Ok(()),
+            Some(job) if job.state == JobState::Dead => {
+                break Err(anyhow::anyhow!("{}", job.last_error.unwrap_or_else(|| "the turn failed".into())));
+            }
+            Some(_) => {}
+            None => break Err(anyhow::anyhow!("the job disappeared (was the agent deleted?)")),
+        }
+    };
+    ctrl_c.abort();
+    state.runs.close_log(&job_key);
+    let streamed = printer.await.unwrap_or_default();
+    result?;
+    if streamed.is_empty() {
+        // Another process (a running server) ran the turn: show its answer.
+        let reply = tinyfat_platform::webchat::reply_of(state, agent, session, &job_id).await;
+        if let (Some(reply), false) = (&reply, as_json) {
+            println!("{reply}");
+        }
+        return Ok(reply);
     }
-    Ok(outcome.reply)
+    Ok(Some(streamed))
 }
 
 pub async fn run(
-    platform: &Platform,
+    platform: Platform,
     name: &str,
     message: Option<String>,
     session: Option<String>,
     as_json: bool,
 ) -> anyhow::Result<()> {
     let agent = platform.agent(name).await?;
+    let state = AppState::new(Arc::new(platform));
+    let platform = &state.platform;
     let session = session_id(session.as_deref())?;
     let health = platform.executor.check().await;
     if !health.ok {
         eprintln!("warning: {} (tool calls will fail until this is fixed)", health.message);
     }
     if let Some(text) = message {
-        let reply = one_turn(platform, &agent, &session, &text, as_json).await?;
+        let reply = one_turn(&state, &agent, &session, &text, as_json).await?;
         if as_json {
             crate::output::json(
                 &serde_json::json!({"agent": agent.name.to_string(), "session": session.to_string(), "reply": reply}),
@@ -178,7 +219,7 @@ pub async fn run(
         if text.is_empty() {
             continue;
         }
-        if let Err(e) = one_turn(platform, &agent, &session, text, false).await {
+        if let Err(e) = one_turn(&state, &agent, &session, text, false).await {
             eprintln!("error: {e:#}");
         }
     }

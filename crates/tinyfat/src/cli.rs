@@ -185,7 +185,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Chat(args) => {
             init_logging("warn");
             let platform = open(global).await?;
-            crate::chat::run(&platform, &args.name, args.message, args.session, global.json).await
+            crate::chat::run(platform, &args.name, args.message, args.session, global.json).await
         }
         Command::Migrate => {
             init_logging("warn");

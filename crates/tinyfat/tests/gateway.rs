@@ -422,3 +422,56 @@ async fn sigterm_lets_the_running_turn_finish_then_exits() {
     assert_eq!(answer.as_deref(), Some("still finishing this"));
     assert_eq!(reply_deliveries(&env).await.len(), 1);
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn terminal_chat_with_a_server_running_never_overlaps_its_turns() {
+    let env = env().await;
+    let server = Server::start(&env.data, &env.fake, "all");
+    env.fake.push(Script::text_deltas(&["slow ", "web ", "answer"]).with_chunk_delay(Duration::from_millis(500)));
+    env.fake.set_fallback(Script::text("terminal answer"));
+    let response = env.post_chat(&server, json!({"message": "web first", "request_id": "rw"})).await;
+    let first = read_sse(response, Some(&|e: &Value| e["type"] == "text_delta")).await;
+    assert_eq!(first.last().unwrap()["type"], "text_delta");
+
+    // The web turn holds the agent's lease; the terminal's turn must wait for it.
+    let data = env.data.clone();
+    let url = env.fake.base_url();
+    let out = tokio::task::spawn_blocking(move || {
+        Command::new(BIN)
+            .args(["chat", "webby", "-m", "from the terminal"])
+            .env("TINYFAT_DATA_DIR", &data)
+            .env("ANTHROPIC_API_KEY", "sk-test")
+            .env("ANTHROPIC_BASE_URL", url)
+            .output()
+            .unwrap()
+    })
+    .await
+    .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "terminal answer");
+    let last_assistant_ts = |records: Vec<SessionRecord>| {
+        records
+            .iter()
+            .rev()
+            .find_map(|r| match &r.body {
+                RecordBody::Message { message, .. } if message.role == Role::Assistant => Some(r.ts.clone()),
+                _ => None,
+            })
+            .unwrap()
+    };
+    let cli_user_ts = env
+        .session("cli-main")
+        .iter()
+        .find_map(|r| match &r.body {
+            RecordBody::Message { message, .. } if message.role == Role::User => Some(r.ts.clone()),
+            _ => None,
+        })
+        .unwrap();
+    let web_done = last_assistant_ts(env.session("web-main"));
+    assert!(
+        cli_user_ts >= web_done,
+        "the terminal turn started ({cli_user_ts}) before the web turn ended ({web_done})"
+    );
+    assert_eq!(count(&env.session("cli-main"), "from the terminal"), (1, 1));
+    drop(server);
+}

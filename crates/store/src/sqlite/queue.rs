@@ -40,6 +40,14 @@ const CANDIDATE_SQL: &str = "SELECT j.agent_id FROM jobs j \
                      AND l.owner IS NOT NULL AND l.expires_ms > ?1) \
      ORDER BY j.next_run_at_ms, j.id LIMIT 1";
 
+/// `CANDIDATE_SQL` for one agent: it has a due (or orphaned running) job and
+/// no live lease.
+const AGENT_CANDIDATE_SQL: &str = "SELECT j.agent_id FROM jobs j \
+     WHERE j.agent_id = ?2 AND j.state IN ('queued', 'running') AND (j.state = 'running' OR j.next_run_at_ms <= ?1) \
+     AND NOT EXISTS (SELECT 1 FROM agent_leases l WHERE l.agent_id = j.agent_id \
+                     AND l.owner IS NOT NULL AND l.expires_ms > ?1) \
+     LIMIT 1";
+
 fn corrupt(what: &str, e: impl std::fmt::Display) -> StoreError {
     StoreError::Corrupt(format!("job {what}: {e}"))
 }
@@ -196,6 +204,20 @@ impl JobQueue for SqliteStore {
         // Keeps the dead-lettering of orphans a passed-over agent had.
         tx.commit().await?;
         Ok(None)
+    }
+
+    async fn claim_for_agent(&self, agent: &AgentId, owner: &str, now_ms: i64, lease_ms: i64) -> Result<Option<Claim>> {
+        check_owner(owner)?;
+        check_lease_ms(lease_ms)?;
+        let mut tx = self.pool.begin_with(BEGIN_IMMEDIATE).await?;
+        let candidate: Option<String> =
+            sqlx::query_scalar(AGENT_CANDIDATE_SQL).bind(now_ms).bind(agent.as_str()).fetch_optional(&mut *tx).await?;
+        let claim = match candidate {
+            Some(agent_id) => claim_agent(&mut tx, self, &agent_id, owner, now_ms, lease_ms).await?,
+            None => None,
+        };
+        tx.commit().await?;
+        Ok(claim)
     }
 
     async fn renew(&self, lease: &Lease, now_ms: i64, lease_ms: i64) -> Result<bool> {
