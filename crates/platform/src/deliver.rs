@@ -73,7 +73,10 @@ async fn deliver(state: &AppState, delivery: &Delivery) {
             state.metrics.deliveries_sent_total.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         }
         Err(SendError::Transient { error, retry_after_ms }) => {
-            let backoff = retry_after_ms.unwrap_or_else(|| retry_backoff_ms(delivery.attempts));
+            let backoff = retry_after_ms.unwrap_or_else(|| {
+                // The queue's backoff (base 2 s, cap 10 min, full jitter), per send attempt.
+                tinyfat_store::backoff_ms(&tinyfat_store::QueuePolicy::default(), delivery.attempts, rand::random())
+            });
             tracing::warn!(delivery = %delivery.id, channel = %delivery.channel, error = %error, retry_in_ms = backoff, "delivery failed; will retry");
             let _ = store.mark_delivery_failed(&delivery.id, &error, Some(now + backoff), now).await;
         }
@@ -83,9 +86,4 @@ async fn deliver(state: &AppState, delivery: &Delivery) {
             state.metrics.deliveries_failed_total.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         }
     }
-}
-
-/// 2 s doubled per attempt, capped at 10 minutes.
-fn retry_backoff_ms(attempts: u32) -> i64 {
-    (2_000i64 << attempts.min(9)).min(600_000)
 }

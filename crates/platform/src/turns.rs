@@ -100,9 +100,14 @@ impl Platform {
 }
 
 impl Platform {
+    /// Today's date in UTC: the day the usage ledger and the budget count.
+    fn today_utc(&self) -> chrono::NaiveDate {
+        chrono::DateTime::from_timestamp_millis(self.now_ms()).unwrap_or_default().date_naive()
+    }
+
     /// Tokens the agent used today (UTC), for the daily budget.
     pub async fn tokens_used_today(&self, agent: &Agent) -> Result<u64> {
-        let today = chrono::DateTime::from_timestamp_millis(self.now_ms()).unwrap_or_default().date_naive();
+        let today = self.today_utc();
         Ok(self.store.usage_for(&agent.id, today).await?.total())
     }
 
@@ -111,7 +116,7 @@ impl Platform {
         if usage.total() == 0 {
             return Ok(());
         }
-        let today = chrono::DateTime::from_timestamp_millis(self.now_ms()).unwrap_or_default().date_naive();
+        let today = self.today_utc();
         Ok(self.store.add_usage(&agent.id, today, usage).await?)
     }
 }

@@ -135,8 +135,11 @@ pub async fn process(state: &AppState, claim: Claim, shutting_down: &AtomicBool)
 
     let mut outcomes = Vec::new();
     let mut batch: Vec<(String, MessageJob)> = Vec::new();
-    // Outbox files left by a previous (crashed) attempt go out first.
-    crate::email::process_outbox(state, &agent, &lease).await;
+    // Outbox files left by a previous (crashed) attempt go out first; a
+    // first attempt has nothing left over, so the folder is not read then.
+    if claim.jobs.iter().any(|j| j.failures > 0 || j.attempts > 0) {
+        crate::email::process_outbox(state, &agent, &lease).await;
+    }
     for job in &claim.jobs {
         if job.kind == crate::scheduler::JOB_KIND_EVENT {
             match crate::scheduler::prepare_event_job(state, &agent, job).await {

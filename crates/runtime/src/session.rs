@@ -66,53 +66,14 @@ impl SessionLog {
         Ok(self.records.last().expect("just pushed"))
     }
 
-    /// Records after the last `/clear`.
-    fn live(&self) -> &[SessionRecord] {
-        let start = self
-            .records
-            .iter()
-            .rposition(|r| matches!(&r.body, RecordBody::Meta { event, .. } if event == META_CLEAR))
-            .map_or(0, |i| i + 1);
-        &self.records[start..]
-    }
-
     /// The conversation as the model should see it, sanitised.
     pub fn model_view(&self) -> Vec<Message> {
-        let live = self.live();
-        let compaction = live.iter().rev().find_map(|r| match &r.body {
-            RecordBody::Compaction { summary, replaces_through } => Some((summary.as_str(), *replaces_through)),
-            _ => None,
-        });
-        let mut messages = Vec::new();
-        let through = match compaction {
-            Some((summary, through)) => {
-                messages.push(Message::user_text(format!(
-                    "[Summary of the earlier conversation, written when it was compacted]\n{summary}"
-                )));
-                through
-            }
-            None => 0,
-        };
-        for record in live {
-            if record.id <= through {
-                continue;
-            }
-            if let RecordBody::Message { message, .. } = &record.body {
-                messages.push(message.clone());
-            }
-        }
-        sanitize(messages)
+        view_of(&self.records)
     }
 
     /// The model view of the live records before `index` (for compaction).
     pub fn model_view_before(&self, index: usize) -> Vec<Message> {
-        let view = SessionLog {
-            path: self.path.clone(),
-            records: self.records[..index].to_vec(),
-            skipped_lines: 0,
-            torn_tail: false,
-        };
-        view.model_view()
+        view_of(&self.records[..index])
     }
 
     /// Whether a record of this job already exists (the job is being retried).
@@ -150,6 +111,44 @@ impl SessionLog {
             .sum();
         (bytes / 4) as u64
     }
+}
+
+/// Records after the last `/clear`.
+fn live(records: &[SessionRecord]) -> &[SessionRecord] {
+    let start = records
+        .iter()
+        .rposition(|r| matches!(&r.body, RecordBody::Meta { event, .. } if event == META_CLEAR))
+        .map_or(0, |i| i + 1);
+    &records[start..]
+}
+
+/// The model's view of `records`: after the last `/clear`, the latest
+/// compaction's summary in place of what it replaces, sanitised.
+fn view_of(records: &[SessionRecord]) -> Vec<Message> {
+    let live = live(records);
+    let compaction = live.iter().rev().find_map(|r| match &r.body {
+        RecordBody::Compaction { summary, replaces_through } => Some((summary.as_str(), *replaces_through)),
+        _ => None,
+    });
+    let mut messages = Vec::new();
+    let through = match compaction {
+        Some((summary, through)) => {
+            messages.push(Message::user_text(format!(
+                "[Summary of the earlier conversation, written when it was compacted]\n{summary}"
+            )));
+            through
+        }
+        None => 0,
+    };
+    for record in live {
+        if record.id <= through {
+            continue;
+        }
+        if let RecordBody::Message { message, .. } = &record.body {
+            messages.push(message.clone());
+        }
+    }
+    sanitize(messages)
 }
 
 pub const INTERRUPTED_RESULT: &str = "interrupted; the tool may have run";

@@ -385,13 +385,13 @@ impl Turn<'_> {
                 None => "Nothing to compact yet.".to_owned(),
             },
             Command::Status => {
-                let messages = log.model_view().len();
+                let view = log.model_view();
                 format!(
                     "Model {}; session {} with {} messages in context (~{} tokens); {} tokens used today of {}.",
                     self.config.model,
                     input.session,
-                    messages,
-                    SessionLog::estimate_tokens(&log.model_view()),
+                    view.len(),
+                    SessionLog::estimate_tokens(&view),
                     self.tokens_used_today,
                     self.limits.tokens_per_day_max
                 )
