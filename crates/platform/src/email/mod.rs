@@ -53,7 +53,7 @@ use axum::routing::post;
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 use serde_json::json;
-use tinyfat_channels::email::auth::Authenticator;
+use tinyfat_channels::email::auth::{Authenticator, SmtpEnvelope};
 use tinyfat_channels::email::inbound::{self, InboundEmail, InboundLimits};
 use tinyfat_channels::email::outbound::{self, Draft, Mailbox, OutboundAttachment, Parent, Quote};
 use tinyfat_channels::email::resend::{self, Disposition, ResendEvent};
@@ -131,6 +131,69 @@ pub struct EmailJob {
     pub message_id: Option<String>,
     #[serde(default)]
     pub created_at: Option<DateTime<Utc>>,
+    /// The whole message, base64, when the channel received it itself (SMTP
+    /// listener, IMAP poller): nothing to fetch.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub raw_b64: Option<String>,
+    /// The SMTP envelope the message arrived with (SPF is checked on it).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub envelope: Option<JobEnvelope>,
+}
+
+/// The SMTP session facts of a message our own listener received.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct JobEnvelope {
+    pub client_ip: std::net::IpAddr,
+    pub helo: String,
+    /// MAIL FROM without brackets; empty for the null sender.
+    pub mail_from: String,
+}
+
+/// Enqueues a message the platform received whole (SMTP, IMAP) as an `email`
+/// job for `agent`; the sender checks run in the job, under the lease, like
+/// Resend's. Returns whether it was new (false: the dedup key was seen).
+/// The caller acknowledges the message only after this returns `Ok`.
+pub async fn enqueue_raw_email(
+    state: &AppState,
+    agent: &Agent,
+    recipient: &EmailAddress,
+    provider: &str,
+    raw: &[u8],
+    envelope: Option<JobEnvelope>,
+    dedup_key: String,
+) -> anyhow::Result<bool> {
+    use base64::Engine as _;
+    let limits = InboundLimits::default();
+    // Only for the session id and the log: the job parses it again.
+    let header = inbound::parse(raw, &limits).ok();
+    let message_id = header.as_ref().map(|e| e.message_id.clone());
+    let session_root = message_id.clone().unwrap_or_else(|| dedup_key.clone());
+    let payload = EmailJob {
+        provider: provider.to_owned(),
+        svix_id: String::new(),
+        email_id: String::new(),
+        from: header.as_ref().map(|e| e.from.to_string()),
+        to: recipient.to_string(),
+        subject: header.as_ref().map(|e| e.subject.clone()).unwrap_or_default(),
+        message_id,
+        created_at: None,
+        raw_b64: Some(base64::engine::general_purpose::STANDARD.encode(raw)),
+        envelope,
+    };
+    let job = NewJob {
+        id: tinyfat_core::ids::new_ulid_string(ulid::Ulid::new()),
+        dedup_key,
+        agent_id: agent.id.clone(),
+        session: inbound::session_id_for_root(&session_root),
+        kind: JOB_KIND_EMAIL.into(),
+        payload: serde_json::to_string(&payload).expect("serialisable"),
+    };
+    let enqueued = state.platform.store.enqueue(job, state.platform.now_ms()).await?;
+    if !enqueued.duplicate {
+        state.wake.notify_one();
+    }
+    tracing::info!(agent = %agent.name, provider, job = %enqueued.job_id, duplicate = enqueued.duplicate, "inbound email enqueued");
+    Ok(!enqueued.duplicate)
 }
 
 /// What a forwarded message job carries besides the `MessageJob` fields:
@@ -275,6 +338,8 @@ async fn resend_webhook(State(state): State<AppState>, headers: HeaderMap, body:
             subject: notice.subject.clone(),
             message_id: notice.message_id.clone(),
             created_at: notice.created_at,
+            raw_b64: None,
+            envelope: None,
         };
         let job = NewJob {
             id: tinyfat_core::ids::new_ulid_string(ulid::Ulid::new()),
@@ -424,44 +489,20 @@ async fn fetch_and_check(
     let settings = &platform.settings;
     let meta: EmailJob = serde_json::from_str(&job.payload)
         .map_err(|e| PrepareError::Permanent(format!("unreadable email job payload: {e}")))?;
-    let key = settings
-        .email
-        .resend_api_key
-        .as_ref()
-        .ok_or_else(|| PrepareError::Permanent("email.resend_api_key (RESEND_API_KEY) is not set".into()))?;
-    let path = resend::received_email_path(&meta.email_id).map_err(|e| PrepareError::Permanent(e.to_string()))?;
-    let url = format!("{}{path}", base_url(state));
-    let response =
-        http().get(&url).bearer_auth(key.expose()).send().await.map_err(|e| PrepareError::Transient(e.to_string()))?;
-    let status = response.status().as_u16();
-    let bytes = read_capped(response).await?;
-    if status != 200 {
-        let error = resend::classify_error(status, &bytes);
-        return Err(match error.disposition {
-            Disposition::Retry => PrepareError::Transient(format!("fetching the email: {error}")),
-            Disposition::Permanent => PrepareError::Permanent(format!("fetching the email: {error}")),
-        });
-    }
-    let received = resend::parse_received_email(&bytes).map_err(|e| PrepareError::Permanent(e.to_string()))?;
     let limits =
         InboundLimits { message_bytes_max: settings.gateway.email_body_bytes_max as usize, ..InboundLimits::default() };
-
-    // The raw message, when Resend offers it: full MIME, attachments, DKIM.
-    let raw = match &received.raw_download_url {
-        Some(url) => {
-            let response = http().get(url).send().await.map_err(|e| PrepareError::Transient(e.to_string()))?;
-            if !response.status().is_success() {
-                return Err(PrepareError::Transient(format!("downloading the raw email: HTTP {}", response.status())));
-            }
-            Some(read_capped(response).await?)
+    let (raw, email) = match &meta.raw_b64 {
+        Some(b64) => {
+            use base64::Engine as _;
+            let raw = base64::engine::general_purpose::STANDARD
+                .decode(b64)
+                .map_err(|e| PrepareError::Permanent(format!("unreadable raw email in the job: {e}")))?;
+            let email =
+                inbound::parse(&raw, &limits).map_err(|e| PrepareError::Permanent(format!("unreadable email: {e}")))?;
+            (Some(raw), email)
         }
-        None => None,
+        None => fetch_from_resend(state, &meta, &limits).await?,
     };
-    let email = match &raw {
-        Some(raw) => inbound::parse(raw, &limits),
-        None => received.to_inbound(&limits),
-    }
-    .map_err(|e| PrepareError::Permanent(format!("unreadable email: {e}")))?;
 
     // Loops: automated mail, and mail from any agent's own address (or the
     // platform's reserved ones: start@, postmaster@, noreply@ ...). Other
@@ -496,7 +537,14 @@ async fn fetch_and_check(
     let require_auth = settings.email.require_auth;
     let admitted = match (&raw, authenticator()) {
         (Some(raw), Some(auth)) => {
-            let verdict = auth.verify(raw, None).await;
+            let receiver_host = settings.email.domain.as_str();
+            let envelope = meta.envelope.as_ref().map(|e| SmtpEnvelope {
+                client_ip: e.client_ip,
+                helo: &e.helo,
+                mail_from: &e.mail_from,
+                receiver_host,
+            });
+            let verdict = auth.verify(raw, envelope.as_ref()).await;
             if !verdict.admits(require_auth) {
                 tracing::warn!(agent = %agent.name, sender = %email.from, verdict = %verdict, "email failed sender authentication; dropped");
             }
@@ -547,6 +595,54 @@ async fn fetch_and_check(
         email: Some(EmailThread::from_inbound(&email)),
     };
     Ok(Some((session, email.dedup_key(&agent.id), payload, command_of(&email))))
+}
+
+/// Fetches a Resend notice's message: the parsed email, and the raw MIME
+/// when Resend offers it.
+async fn fetch_from_resend(
+    state: &AppState,
+    meta: &EmailJob,
+    limits: &InboundLimits,
+) -> Result<(Option<Vec<u8>>, InboundEmail), PrepareError> {
+    let settings = &state.platform.settings;
+    let key = settings
+        .email
+        .resend_api_key
+        .as_ref()
+        .ok_or_else(|| PrepareError::Permanent("email.resend_api_key (RESEND_API_KEY) is not set".into()))?;
+    let path = resend::received_email_path(&meta.email_id).map_err(|e| PrepareError::Permanent(e.to_string()))?;
+    let url = format!("{}{path}", base_url(state));
+    let response =
+        http().get(&url).bearer_auth(key.expose()).send().await.map_err(|e| PrepareError::Transient(e.to_string()))?;
+    let status = response.status().as_u16();
+    let bytes = read_capped(response).await?;
+    if status != 200 {
+        let error = resend::classify_error(status, &bytes);
+        return Err(match error.disposition {
+            Disposition::Retry => PrepareError::Transient(format!("fetching the email: {error}")),
+            Disposition::Permanent => PrepareError::Permanent(format!("fetching the email: {error}")),
+        });
+    }
+    let received = resend::parse_received_email(&bytes).map_err(|e| PrepareError::Permanent(e.to_string()))?;
+
+    // The raw message, when Resend offers it: full MIME, attachments, DKIM.
+    let raw = match &received.raw_download_url {
+        Some(url) => {
+            let response = http().get(url).send().await.map_err(|e| PrepareError::Transient(e.to_string()))?;
+            if !response.status().is_success() {
+                return Err(PrepareError::Transient(format!("downloading the raw email: HTTP {}", response.status())));
+            }
+            Some(read_capped(response).await?)
+        }
+        None => None,
+    };
+    let email = match &raw {
+        Some(raw) => inbound::parse(raw, limits),
+        None => received.to_inbound(limits),
+    }
+    .map_err(|e| PrepareError::Permanent(format!("unreadable email: {e}")))?;
+
+    Ok((raw, email))
 }
 
 /// The mail's session: a reply to a mail this agent sent continues the
