@@ -85,14 +85,7 @@ impl AppState {
             return Ok(IngestOutcome::Rejected);
         }
         match commands::parse(&ingest.job.message.text) {
-            Some(Command::Stop) => {
-                let stopped = self.runs.cancel(&agent.id);
-                return Ok(IngestOutcome::Answered(if stopped {
-                    "Stopping.".into()
-                } else {
-                    "Nothing is running.".into()
-                }));
-            }
+            Some(Command::Stop) => return Ok(IngestOutcome::Answered(self.stop_text(agent).await?)),
             Some(Command::Status) => return Ok(IngestOutcome::Answered(self.status_text(agent).await?)),
             _ => {}
         }
@@ -110,6 +103,14 @@ impl AppState {
             self.wake.notify_one();
         }
         Ok(IngestOutcome::Enqueued { job_id: enqueued.job_id, duplicate: enqueued.duplicate })
+    }
+
+    /// `stop` (SPEC §6): cancels the agent's running turn, in this process
+    /// at once, or in any other through the store (its worker polls).
+    pub async fn stop_text(&self, agent: &Agent) -> Result<String> {
+        let here = self.runs.cancel(&agent.id);
+        let elsewhere = here || self.platform.store.request_cancel(&agent.id, self.platform.now_ms()).await?;
+        Ok(if here || elsewhere { "Stopping." } else { "Nothing is running." }.to_owned())
     }
 
     pub async fn status_text(&self, agent: &Agent) -> Result<String> {

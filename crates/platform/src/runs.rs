@@ -1,6 +1,7 @@
 //! Runs in progress in this process. For each agent with a running turn: its
 //! cancel flag (set by `stop`, checked by the worker at every streamed chunk
-//! and tool boundary) and its session. For each web chat request: a bounded
+//! and tool boundary) and its session. A `stop` for a turn of another process
+//! goes through the store instead (`AppState::stop_text`). For each web chat request: a bounded
 //! log of the run's events, so `GET …/runs/{request_id}/events` can replay
 //! the run and then follow it live.
 //!

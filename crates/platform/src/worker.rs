@@ -31,6 +31,8 @@ use crate::state::AppState;
 use crate::turns::RunError;
 
 pub const LEASE_MS: i64 = 30_000;
+/// How often a running turn looks for a `stop` recorded by another process.
+const CANCEL_POLL_MS: i64 = 500;
 /// Longest idle sleep: leases released by other processes are not announced.
 const IDLE_SLEEP_MAX: Duration = Duration::from_millis(500);
 pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(20);
@@ -208,8 +210,21 @@ pub async fn process(state: &AppState, claim: Claim, shutting_down: &AtomicBool)
         let (store, lease, lost, cancel, clock) =
             (store.clone(), lease.clone(), lost.clone(), cancel.clone(), platform.clock.clone());
         tokio::spawn(async move {
+            // Renew every third of the lease; between renewals, look for a
+            // `stop` that another process's gateway recorded in the store.
+            let polls_per_renewal = (LEASE_MS / 3 / CANCEL_POLL_MS).max(1);
+            let mut polls = 0;
             loop {
-                tokio::time::sleep(Duration::from_millis((LEASE_MS / 3) as u64)).await;
+                tokio::time::sleep(Duration::from_millis(CANCEL_POLL_MS as u64)).await;
+                if !cancel.is_cancelled() && store.cancel_requested(&lease).await.unwrap_or(false) {
+                    tracing::info!(agent = %lease.agent_id, "stop requested; cancelling the turn");
+                    cancel.cancel();
+                }
+                polls += 1;
+                if polls < polls_per_renewal {
+                    continue;
+                }
+                polls = 0;
                 if !store.renew(&lease, clock.now_ms(), LEASE_MS).await.unwrap_or(false) {
                     tracing::warn!(agent = %lease.agent_id, "lease lost; stopping the turn and committing nothing");
                     lost.store(true, Ordering::SeqCst);

@@ -348,6 +348,12 @@ pub trait JobQueue: Send + Sync + std::fmt::Debug {
     /// announced, so cap the sleep. `None`: no queued or running job.
     async fn next_due_ms(&self) -> Result<Option<i64>>;
 
+    /// Asks the turn running under the agent's current lease — in any
+    /// process — to stop. False when no live lease is held (nothing runs).
+    async fn request_cancel(&self, agent: &AgentId, now_ms: i64) -> Result<bool>;
+    /// Whether `stop` was requested for the turn running under `lease`.
+    async fn cancel_requested(&self, lease: &Lease) -> Result<bool>;
+
     async fn get_job(&self, id: &str) -> Result<Option<Job>>;
     /// An agent's jobs, newest first.
     async fn jobs_for(&self, agent: &AgentId, limit: u32) -> Result<Vec<Job>>;

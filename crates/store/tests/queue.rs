@@ -729,3 +729,31 @@ async fn deleting_an_agent_removes_its_queue_rows_only() {
     assert_eq!(store.usage_history(b, 10).await.unwrap().len(), 1);
     assert!(store.enqueue(job("again-b", "key:run1", b, "cli-main"), 4).await.unwrap().duplicate);
 }
+
+#[tokio::test]
+async fn a_stop_request_reaches_only_the_lease_it_was_made_under() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = open(&dir).await;
+    let a = agent(1);
+    assert!(!store.request_cancel(&a, 0).await.unwrap(), "nothing runs: no lease was ever taken");
+
+    put(&store, "j1", &a, "web-main", 0).await;
+    put(&store, "j2", &a, "web-main", 0).await;
+    let first = store.claim_next("w1", 0, MINUTE_MS).await.unwrap().unwrap();
+    assert!(!store.cancel_requested(&first.lease).await.unwrap());
+    // Another process (its own connection) asks the running turn to stop.
+    let other = open(&dir).await;
+    assert!(other.request_cancel(&a, 10).await.unwrap(), "a live lease is held");
+    assert!(store.cancel_requested(&first.lease).await.unwrap());
+
+    // The next acquisition starts clean; an old request never stops it.
+    assert!(store.complete(&first.lease, &first.job_ids(), 20).await.unwrap());
+    put(&store, "j3", &a, "web-main", 30).await;
+    let second = store.claim_next("w2", 30, MINUTE_MS).await.unwrap().unwrap();
+    assert_eq!(second.lease.epoch, first.lease.epoch + 1);
+    assert!(!store.cancel_requested(&second.lease).await.unwrap());
+
+    // A lapsed lease is not a running turn.
+    assert!(!store.request_cancel(&a, 30 + MINUTE_MS + 1).await.unwrap());
+    assert!(!store.cancel_requested(&second.lease).await.unwrap());
+}

@@ -34,6 +34,9 @@ impl Server {
             .spawn()
             .unwrap();
         let server = Server { child, port };
+        if role == "worker" {
+            return server; // no HTTP port: the test waits for its work instead
+        }
         let deadline = Instant::now() + Duration::from_secs(30);
         while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
             assert!(Instant::now() < deadline, "server did not start");
@@ -474,4 +477,61 @@ async fn terminal_chat_with_a_server_running_never_overlaps_its_turns() {
     );
     assert_eq!(count(&env.session("cli-main"), "from the terminal"), (1, 1));
     drop(server);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn stop_received_by_one_process_cancels_the_turn_running_in_another() {
+    let env = env().await;
+    let worker = Server::start(&env.data, &env.fake, "worker");
+    let gateway = Server::start(&env.data, &env.fake, "gateway");
+    let deltas: Vec<String> = (0..20).map(|i| format!("chunk{i} ")).collect();
+    let deltas: Vec<&str> = deltas.iter().map(String::as_str).collect();
+    env.fake.push(Script::text_deltas(&deltas).with_chunk_delay(Duration::from_millis(300)));
+
+    // The gateway process enqueues; the worker process runs the slow turn.
+    let response = env.post_chat(&gateway, json!({"message": "tell me a long story", "request_id": "long"})).await;
+    assert_eq!(response.status(), 200);
+    drop(response);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while env.fake.requests().is_empty() {
+        assert!(Instant::now() < deadline, "the worker never called the model");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+
+    // `stop` reaches the gateway, which runs no turn itself: it must record
+    // the request in the store for the worker process to see.
+    let started = Instant::now();
+    let response = env.post_chat(&gateway, json!({"message": "stop", "request_id": "stop-1"})).await;
+    let events = read_sse(response, None).await;
+    assert_eq!(text(&events), "Stopping.");
+
+    // The turn ends as stopped well before its 6 s of streaming would.
+    let stopped = loop {
+        let records = env.session("web-main");
+        let done = records.iter().any(|r| matches!(&r.body, RecordBody::Meta { event, .. } if event == "stop"));
+        if done {
+            break started.elapsed();
+        }
+        assert!(started.elapsed() < Duration::from_secs(20), "the turn was not stopped: {records:?}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert!(stopped < Duration::from_secs(4), "stop took {stopped:?}");
+    let answers = env.session("web-main").into_iter().filter(|r| {
+        matches!(&r.body, RecordBody::Message { message, .. } if message.role == Role::Assistant && message.text().contains("chunk19"))
+    });
+    assert_eq!(answers.count(), 0, "the whole story was streamed despite stop");
+
+    // Once the worker has released the lease, nothing runs: stop says so.
+    let mut attempt = 0;
+    loop {
+        attempt += 1;
+        let response =
+            env.post_chat(&gateway, json!({"message": "stop", "request_id": format!("again-{attempt}")})).await;
+        if text(&read_sse(response, None).await) == "Nothing is running." {
+            break;
+        }
+        assert!(attempt < 100, "the stopped turn's lease was never released");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    drop((worker, gateway));
 }

@@ -418,9 +418,10 @@ pub async fn prepare_email_job_detailed(
     let store = &state.platform.store;
     // `stop` and `/status` are answered at once, threaded, without a turn.
     let answer = match command {
-        Some(Command::Stop) => {
-            Some(if state.runs.cancel(&agent.id) { "Stopping." } else { "Nothing is running." }.to_owned())
-        }
+        // This job holds the agent's lease, so no turn of the agent runs now
+        // (a `stop` mail waits behind the turn it meant to stop; the SMTP
+        // listener and IMAP poller could see it before the queue: later).
+        Some(Command::Stop) => Some("Nothing is running.".to_owned()),
         Some(Command::Status) => {
             Some(state.status_text(agent).await.map_err(|e| PrepareError::Transient(e.to_string()))?)
         }

@@ -220,6 +220,27 @@ impl JobQueue for SqliteStore {
         Ok(claim)
     }
 
+    async fn request_cancel(&self, agent: &AgentId, now_ms: i64) -> Result<bool> {
+        let requested = sqlx::query(
+            "UPDATE agent_leases SET cancel_epoch = epoch WHERE agent_id = ?1 AND owner IS NOT NULL AND expires_ms > ?2",
+        )
+        .bind(agent.as_str())
+        .bind(now_ms)
+        .execute(&self.pool)
+        .await?;
+        Ok(requested.rows_affected() > 0)
+    }
+
+    async fn cancel_requested(&self, lease: &Lease) -> Result<bool> {
+        let row: Option<(i64,)> =
+            sqlx::query_as("SELECT 1 FROM agent_leases WHERE agent_id = ?1 AND epoch = ?2 AND cancel_epoch = ?2")
+                .bind(lease.agent_id.as_str())
+                .bind(lease.epoch)
+                .fetch_optional(&self.pool)
+                .await?;
+        Ok(row.is_some())
+    }
+
     async fn renew(&self, lease: &Lease, now_ms: i64, lease_ms: i64) -> Result<bool> {
         check_lease_ms(lease_ms)?;
         let expires_ms = now_ms.saturating_add(lease_ms);
