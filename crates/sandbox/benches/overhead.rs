@@ -1,9 +1,12 @@
 //! Per-call overhead of the sandbox, measured as spawn-to-exit of `true`.
 //!
 //! Rows: a plain process spawn, a bare `bwrap --unshare-all` with /usr
-//! mounted, the unsandboxed executor, and the full `Bwrap::run` (uid drop,
-//! rlimits, cgroups, seccomp, output capture, cleanup). Iterations are
-//! interleaved so machine noise hits all rows alike.
+//! mounted (the reference), the same bwrap running the process chain our
+//! design needs (`setpriv` to the agent uid, then `bash -c`), the
+//! unsandboxed executor, and `Bwrap::run` without and with its default
+//! per-call cgroups (uid drop, rlimits, cgroups, seccomp, output capture,
+//! cleanup). Iterations are interleaved so machine noise hits all rows
+//! alike; the last lines give the full call's ratio to the reference.
 //!
 //! Run: `cargo bench -p tinyfat-sandbox --bench overhead` (as root, with
 //! bubblewrap installed). `TINYFAT_BENCH_N` sets the iterations (default 300).
@@ -20,6 +23,9 @@ fn main() {
     let bwrap = Bwrap::new(&config);
     let health = rt.block_on(bwrap.check());
     assert!(health.ok, "sandbox not usable here: {health:?}");
+    for note in &health.notes {
+        println!("# {note}");
+    }
     let lean = Bwrap::new(&SandboxConfig { per_call_cgroups: false, ..SandboxConfig::default() });
     let none = Unsandboxed::new(config.limits.clone());
     let dir = tempfile::tempdir().unwrap();
@@ -47,11 +53,17 @@ fn main() {
         let out = rt.block_on(lean.run(ExecRequest::new(dir.path(), "true"))).unwrap();
         assert!(out.success(), "{out:?}");
     };
-    let bare_bash = || {
+    // --unshare-all minus the user namespace: setpriv needs real root.
+    let uid = bwrap.uid_for(dir.path()).unwrap().to_string();
+    let bare_chain = || {
         let s = Command::new("bwrap")
-            .args(["--unshare-all", "--ro-bind", "/usr", "/usr"])
+            .args(["--unshare-ipc", "--unshare-pid", "--unshare-net", "--unshare-uts", "--unshare-cgroup-try"])
+            .args(["--ro-bind", "/usr", "/usr"])
             .args(["--symlink", "usr/bin", "/bin", "--symlink", "usr/lib", "/lib", "--symlink", "usr/lib64", "/lib64"])
-            .args(["--proc", "/proc", "--dev", "/dev", "--", "/bin/bash", "-c", "true"])
+            .args(["--proc", "/proc", "--dev", "/dev", "--", "/usr/bin/setpriv"])
+            .args([format!("--reuid={uid}"), format!("--regid={uid}")])
+            .args(["--clear-groups", "--inh-caps=-all", "--ambient-caps=-all", "--bounding-set=-all"])
+            .args(["--no-new-privs", "--", "/bin/bash", "-c", "true"])
             .stdout(Stdio::null())
             .status()
             .unwrap();
@@ -64,7 +76,7 @@ fn main() {
     let rows: [(&str, &dyn Fn()); 6] = [
         ("spawn /bin/true", &plain),
         ("bare bwrap --unshare-all true", &bare),
-        ("bare bwrap --unshare-all bash -c true", &bare_bash),
+        ("bare bwrap + setpriv + bash -c true", &bare_chain),
         ("Unsandboxed::run(\"true\")", &unsandboxed),
         ("Bwrap::run(\"true\"), no cgroups", &full_lean),
         ("Bwrap::run(\"true\") (full sandbox)", &full),
@@ -116,9 +128,9 @@ fn main() {
             net.len()
         );
     }
-    for (name, i) in [("full sandbox", 5), ("full sandbox, no cgroups", 4)] {
+    for (name, i) in [("full sandbox (default)", 5), ("full sandbox, no cgroups", 4)] {
         println!(
-            "{name} / bare bwrap true: {:.2}x (mean), {:.2}x (p50); / bare bwrap bash -c true: {:.2}x (mean)",
+            "{name} / bare bwrap true: {:.2}x (mean), {:.2}x (p50); / bare bwrap + setpriv + bash: {:.2}x (mean)",
             means[i].0 / means[1].0,
             means[i].1 / means[1].1,
             means[i].0 / means[2].0,
