@@ -468,3 +468,56 @@ async fn sigterm_closes_idle_sessions_with_421_and_the_server_exits() {
     assert_eq!(replies[2].0, 421, "told to come back later: {replies:?}");
     assert!(std::net::TcpStream::connect(("127.0.0.1", env.smtp_port)).is_err(), "no longer listening");
 }
+
+/// Runs SQL on the server's database with Python's sqlite3 (a second,
+/// independent writer), to make the store fail the way a full disk would.
+fn sql(env: &Env, statement: &str) {
+    let script =
+        "import sqlite3, sys\nc = sqlite3.connect(sys.argv[1], timeout=30)\nc.execute(sys.argv[2])\nc.commit()\n";
+    let out =
+        Command::new("python3").args(["-c", script]).arg(env.data.join("tinyfat.db")).arg(statement).output().unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_store_failure_answers_451_and_the_senders_retry_is_accepted_once() {
+    let env = env().await;
+    let _server = Server::start(&env, &[]);
+    sql(&env, "CREATE TRIGGER refuse_jobs BEFORE INSERT ON jobs BEGIN SELECT RAISE(ABORT, 'disk full'); END");
+    let file = env.message("retry.eml", Some("<retry@example.com>"), "try me later");
+    let replies = env.send(&[AGENT], &file);
+    assert_eq!(codes(&replies), [220, 250, 250, 250, 451, 221], "{replies:?}");
+    assert!(replies[4].1.starts_with("4.3.0"), "{replies:?}");
+    assert!(env.email_jobs().await.is_empty());
+
+    sql(&env, "DROP TRIGGER refuse_jobs");
+    env.fake.push(Script::text("Got it the second time."));
+    assert_eq!(codes(&env.send(&[AGENT], &file)), [220, 250, 250, 250, 250, 221]);
+    assert_eq!(env.email_jobs().await.len(), 1);
+    let emails = env.wait_for_emails(1).await;
+    assert!(emails[0]["text"].as_str().unwrap().contains("second time"));
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn connections_over_the_limit_get_421() {
+    let env = env().await;
+    let _server = Server::start(&env, &[("TINYFAT_EMAIL_SMTP_CONNECTIONS_MAX", "1")]);
+    let marker = env._tmp.path().join("holding");
+    let holder = env.smtp_spawn(json!([
+        {"op": "ehlo"},
+        {"op": "sleep", "s": 3, "then_touch": marker.display().to_string()},
+        {"op": "quit"},
+    ]));
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !marker.exists() {
+        assert!(Instant::now() < deadline, "the first client never got past EHLO");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let second = env.smtp_spawn(json!([{"op": "ehlo"}]));
+    let out = second.wait_with_output().unwrap();
+    let replies: Vec<(i64, String)> = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(replies[0].0, 421, "{replies:?}");
+    assert_eq!(codes(&Env::replies(holder)), [220, 250, 221]);
+    // The slot is free again.
+    assert_eq!(codes(&env.smtp(json!([{"op": "ehlo"}, {"op": "quit"}]))), [220, 250, 221]);
+}
