@@ -168,7 +168,7 @@ pub async fn serve(platform: Arc<Platform>, listen: &str, role: Role) -> anyhow:
         // Bound here, not in the task: a bad address or certificate stops startup.
         let smtp = crate::email::smtp_listener::bind(settings).await?;
         match &smtp {
-            Some(l) => tracing::info!("email: SMTP listener {}; mail for NAME@{}", l.describe(), settings.email.domain),
+            Some(l) => tracing::info!("email: SMTP {}; mail for NAME@{}", l.describe(), settings.email.domain),
             None => tracing::info!("email: SMTP listener off (set email.smtp_listen to receive mail on port 25)"),
         }
         *ready.smtp.lock().expect("readiness lock") = smtp.as_ref().map(|l| l.describe());

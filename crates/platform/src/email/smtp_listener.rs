@@ -397,11 +397,8 @@ impl<'a> Session<'a> {
         let Ok(address) = EmailAddress::parse(address) else {
             return "501 5.1.3 Bad recipient address syntax".to_owned();
         };
-        let domain = address.as_str().rsplit_once('@').map(|(_, d)| d).unwrap_or_default();
-        if !domain.eq_ignore_ascii_case(&self.config.domain) {
-            return "550 5.7.1 Relaying denied".to_owned();
-        }
-        // start@ (provisioning by email) is not handled by this listener yet.
+        // Any other address, other domains and start@ included (provisioning
+        // by email is not wired to this listener yet), is no mailbox here.
         let agent = match self.state.platform.store.agent_by_email(&address).await {
             Ok(Some(agent)) => agent,
             Ok(None) => return "550 5.1.1 No such mailbox".to_owned(),
@@ -425,6 +422,7 @@ impl<'a> Session<'a> {
         receiver.ingest(&mut b"\r\n".iter(), &mut Vec::new());
         let mut message = Vec::new();
         let mut too_big = false;
+        let mut seen = 0usize;
         loop {
             let chunk = match tokio::time::timeout(self.config.timeout, io.fill_buf()).await {
                 Ok(Ok(chunk)) if !chunk.is_empty() => chunk,
@@ -438,6 +436,12 @@ impl<'a> Session<'a> {
             };
             let used = chunk.len() - bytes.as_slice().len();
             io.consume(used);
+            seen += used;
+            if seen > max.saturating_mul(2).saturating_add(LINE_BYTES_MAX) {
+                // Far past the limit: stop reading rather than drain it all.
+                let _ = write(io, &format!("552 5.3.4 Message too big (the limit is {max} bytes); closing")).await;
+                return None;
+            }
             if !too_big && message.len() > max {
                 too_big = true;
                 message = Vec::new();
