@@ -97,6 +97,18 @@ pub struct EmailSettings {
     pub resend_api_key: Option<Secret>,
     pub resend_webhook_secret: Option<Secret>,
     pub resend_base_url: String,
+    /// The built-in SMTP listener's socket address (e.g. `0.0.0.0:25`);
+    /// empty: off.
+    pub smtp_listen: String,
+    /// PEM certificate chain and key for STARTTLS (offered only when both are set).
+    pub smtp_tls_cert: Option<PathBuf>,
+    pub smtp_tls_key: Option<PathBuf>,
+    /// Recipients accepted per message (RFC 5321 asks for at least 100).
+    pub smtp_recipients_max: u32,
+    /// Seconds the listener waits for each command or block of DATA.
+    pub smtp_command_timeout_s: u64,
+    /// Connections served at once; more are answered 421 and closed.
+    pub smtp_connections_max: u32,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -267,6 +279,12 @@ impl Default for EmailSettings {
             resend_api_key: None,
             resend_webhook_secret: None,
             resend_base_url: "https://api.resend.com".to_owned(),
+            smtp_listen: String::new(),
+            smtp_tls_cert: None,
+            smtp_tls_key: None,
+            smtp_recipients_max: 100,
+            smtp_command_timeout_s: 300,
+            smtp_connections_max: 100,
         }
     }
 }
@@ -360,6 +378,7 @@ impl Settings {
                 self.email.provider
             )));
         }
+        self.validate_smtp()?;
         if self.runtime.tool_wall_s_max > 600 {
             return Err(ConfigError::Invalid("runtime.tool_wall_s_max is capped at 600".to_owned()));
         }
@@ -369,6 +388,27 @@ impl Settings {
             ("scheduler.late_grace", &self.scheduler.late_grace),
         ] {
             parse_duration(value).map_err(|e| ConfigError::Invalid(format!("{name}: {e}")))?;
+        }
+        Ok(())
+    }
+
+    fn validate_smtp(&self) -> Result<(), ConfigError> {
+        let email = &self.email;
+        if !email.smtp_listen.trim().is_empty() && email.smtp_listen.trim().parse::<std::net::SocketAddr>().is_err() {
+            return Err(ConfigError::Invalid(format!(
+                "email.smtp_listen {:?} is not a socket address like 0.0.0.0:25",
+                email.smtp_listen
+            )));
+        }
+        if email.smtp_tls_cert.is_some() != email.smtp_tls_key.is_some() {
+            return Err(ConfigError::Invalid(
+                "email.smtp_tls_cert and email.smtp_tls_key go together: set both for STARTTLS, or neither".to_owned(),
+            ));
+        }
+        if email.smtp_recipients_max == 0 || email.smtp_connections_max == 0 || email.smtp_command_timeout_s == 0 {
+            return Err(ConfigError::Invalid(
+                "email.smtp_recipients_max, smtp_connections_max and smtp_command_timeout_s must be above 0".to_owned(),
+            ));
         }
         Ok(())
     }
@@ -557,5 +597,32 @@ mod tests {
         assert_eq!(parse_duration("5m").unwrap(), Duration::from_secs(300));
         assert!(parse_duration("h").is_err());
         assert!(parse_duration("1y").is_err());
+    }
+
+    #[test]
+    fn smtp_listener_settings_from_the_environment() {
+        let s = Settings::load(&Sources::default()).unwrap();
+        assert!(s.email.smtp_listen.is_empty(), "off by default");
+        let s = Settings::load(&Sources {
+            env: env(&[
+                ("TINYFAT_EMAIL_SMTP_LISTEN", "0.0.0.0:2525"),
+                ("TINYFAT_EMAIL_SMTP_TLS_CERT", "/etc/mx/cert.pem"),
+                ("TINYFAT_EMAIL_SMTP_TLS_KEY", "/etc/mx/key.pem"),
+                ("TINYFAT_EMAIL_SMTP_RECIPIENTS_MAX", "5"),
+            ]),
+            ..Sources::default()
+        })
+        .unwrap();
+        assert_eq!(s.email.smtp_listen, "0.0.0.0:2525");
+        assert_eq!(s.email.smtp_tls_key.as_deref(), Some(Path::new("/etc/mx/key.pem")));
+        assert_eq!(s.email.smtp_recipients_max, 5);
+        for bad in [
+            vec![("TINYFAT_EMAIL_SMTP_LISTEN", "port 25")],
+            vec![("TINYFAT_EMAIL_SMTP_TLS_CERT", "/etc/mx/cert.pem")],
+            vec![("TINYFAT_EMAIL_SMTP_CONNECTIONS_MAX", "0")],
+        ] {
+            let err = Settings::load(&Sources { env: env(&bad), ..Sources::default() }).unwrap_err();
+            assert!(err.to_string().contains("email.smtp"), "{err}");
+        }
     }
 }

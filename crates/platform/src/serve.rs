@@ -46,6 +46,8 @@ impl Role {
 pub struct Readiness {
     pub sandbox: std::sync::Mutex<Option<(bool, String)>>,
     pub started: AtomicBool,
+    /// The SMTP listener's state line, when it is configured.
+    pub smtp: std::sync::Mutex<Option<String>>,
 }
 
 #[derive(Clone, Debug)]
@@ -97,6 +99,10 @@ async fn readyz(State(s): State<ServeState>) -> impl IntoResponse {
         "sandbox": sandbox_state,
         "web": if started { "ready" } else { "starting" },
     });
+    let mut adapters = adapters;
+    if let Some(smtp) = s.ready.smtp.lock().expect("readiness lock").clone() {
+        adapters["smtp"] = json!(format!("ready: {smtp}"));
+    }
     let ready = store.is_ok() && storage.is_ok() && matches!(sandbox, Some((true, _))) && started;
     let status = if ready { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE };
     (status, Json(json!({ "ready": ready, "adapters": adapters })))
@@ -159,7 +165,14 @@ pub async fn serve(platform: Arc<Platform>, listen: &str, role: Role) -> anyhow:
         background.spawn(crate::scheduler::run(app.clone(), stop_rx.clone()));
     }
     if role.runs_gateway() {
-        background.spawn(crate::email::start(app.clone(), stop_rx.clone()));
+        // Bound here, not in the task: a bad address or certificate stops startup.
+        let smtp = crate::email::smtp_listener::bind(settings).await?;
+        match &smtp {
+            Some(l) => tracing::info!("email: SMTP {}; mail for NAME@{}", l.describe(), settings.email.domain),
+            None => tracing::info!("email: SMTP listener off (set email.smtp_listen to receive mail on port 25)"),
+        }
+        *ready.smtp.lock().expect("readiness lock") = smtp.as_ref().map(|l| l.describe());
+        background.spawn(crate::email::start(app.clone(), smtp, stop_rx.clone()));
     }
 
     let shutdown = async move {

@@ -7,7 +7,7 @@
 //!   fd 3  the bwrap options (read before bwrap forks: our start gate)
 //!   fd 4, 5  seccomp programs   fd 6  the agent dir   fd 7  config.json
 //!   fd 8  bwrap reports the sandbox's pid   fd 9  the sandbox waits on it
-//!   (8 and 9 only when cgroups or network-on need the handshake)
+//!   (8 and 9 only for network-on)
 //! ```
 //!
 //! bwrap runs as real root *without* a user namespace, so it can mount the
@@ -20,13 +20,13 @@
 //! dir bound by file descriptor (`--bind-fd`, no path to race), nosuid and
 //! nodev; `config.json` is re-bound read-only on top the same way.
 //!
-//! Start-up handshake: bwrap blocks reading its options from fd 3 while the
-//! parent sets its rlimits with `prlimit(2)` (inherited by everything it
-//! starts, no extra exec). The parent then opens the gate and, in the
-//! background, moves bwrap into the call's cgroups (a migration costs the
-//! kernel an RCU grace period, so it overlaps bwrap's mounting). Once set
-//! up, the sandbox blocks on fd 9 while the parent also moves the sandbox's
-//! PID 1 (reported on fd 8) and, for network-on, connects its network; only
+//! Start-up: bwrap blocks reading its options from fd 3 while the parent
+//! sets its rlimits with `prlimit(2)` and moves it into the call's cgroups
+//! (cheap with `favordynmods`, see `cgroup`); everything it forks inherits
+//! both, so no process of the call is ever outside. The parent then writes
+//! the options. All of this, with the agent-dir preparation, runs in one
+//! blocking task. For network-on the sandbox additionally blocks on fd 9
+//! until the parent has connected its network (PID 1 reported on fd 8); only
 //! then does PID 1 fork the command.
 //! Killing the outer bwrap (our direct child) kills the sandbox's PID 1
 //! (`--die-with-parent`) and the kernel then kills everything in the PID
@@ -57,7 +57,7 @@ use crate::etc::{ETC_DIRS, EtcView};
 use crate::exec::{
     ExecOutput, ExecRequest, Limits, SANDBOX_DATA_DIR, SandboxError, SandboxHealth, SandboxMode, ToolExecutor,
 };
-use crate::ownership::{self, AgentDir};
+use crate::ownership;
 use crate::seccomp;
 use crate::supervise::{self, Stop};
 use crate::{SandboxConfig, netguard};
@@ -65,7 +65,6 @@ use crate::{SandboxConfig, netguard};
 const SETPRIV: &str = "/usr/bin/setpriv";
 const BASH: &str = "/bin/bash";
 const SANDBOX_PATH: &str = "/usr/local/bin:/usr/bin:/bin:/usr/local/sbin:/usr/sbin:/sbin";
-const SANDBOX_LANG: &str = "C.UTF-8";
 const SANDBOX_HOSTNAME: &str = "sandbox";
 /// File name of the bash prologue in the sandbox's /etc; `BASH_ENV` points at it.
 pub(crate) const PROLOGUE_NAME: &str = "tinyfat-sandbox.bash";
@@ -74,7 +73,10 @@ pub(crate) const PROLOGUE_NAME: &str = "tinyfat-sandbox.bash";
 /// descriptor the platform itself inherited without close-on-exec (from its
 /// own parent); one of those could be a handle outside the sandbox. It then
 /// removes itself from the environment so nested shells behave normally.
-const PROLOGUE: &str = r#"for __tf_fd in /proc/self/fd/*; do
+/// `LANG` is set here rather than by bwrap so that `setpriv`, which runs
+/// before bash, does not load the locale too (13 files per call).
+const PROLOGUE: &str = r#"export LANG=C.UTF-8
+for __tf_fd in /proc/self/fd/*; do
     __tf_fd=${__tf_fd##*/}
     case $__tf_fd in 0|1|2) ;; *) eval "exec $__tf_fd>&-" 2>/dev/null ;; esac
 done
@@ -133,6 +135,8 @@ struct Inner {
     etc: EtcView,
     /// Mount options that are the same for every call.
     system_args: Vec<OsString>,
+    /// Host directories bound into the sandbox's /etc (those that exist).
+    etc_dirs: Vec<PathBuf>,
     cgroups: Arc<Cgroups>,
     seccomp: Result<seccomp::Programs, String>,
     /// Network-on support, or why it is refused here.
@@ -140,12 +144,26 @@ struct Inner {
     slots: Arc<Semaphore>,
 }
 
-/// What the blocking preparation of a call produces.
+/// A call ready to start: the command, its options and its pipes.
 struct Prepared {
-    agent: AgentDir,
-    uid: u32,
-    etc: PathBuf,
+    cmd: tokio::process::Command,
+    /// The bwrap options, NUL-separated, for fd 3.
+    gate: Vec<u8>,
+    args_w: std::io::PipeWriter,
+    output: std::io::PipeReader,
     cgroup: CallCgroup,
+    handshake_pipes: Option<(std::io::PipeReader, std::io::PipeWriter)>,
+    workdir: PathBuf,
+}
+
+/// A started call: bwrap running with its limits, in its cgroups.
+struct Started {
+    child: tokio::process::Child,
+    output: std::io::PipeReader,
+    cgroup: CallCgroup,
+    /// (bwrap's pid report, the sandbox's start gate); network-on only.
+    handshake_pipes: Option<(std::io::PipeReader, std::io::PipeWriter)>,
+    workdir: PathBuf,
 }
 
 impl Bwrap {
@@ -188,6 +206,7 @@ impl Inner {
             _state: state,
             etc,
             system_args: system_args(config.limits.tmp_bytes_max),
+            etc_dirs: ETC_DIRS.iter().map(|d| Path::new("/etc").join(d)).filter(|p| p.is_dir()).collect(),
             cgroups: Arc::new(if config.per_call_cgroups {
                 Cgroups::detect()
             } else {
@@ -240,19 +259,13 @@ impl Inner {
             "PATH".as_ref(),
             SANDBOX_PATH.as_ref(),
             "--setenv".as_ref(),
-            "LANG".as_ref(),
-            SANDBOX_LANG.as_ref(),
-            "--setenv".as_ref(),
             "BASH_ENV".as_ref(),
             format!("/etc/{PROLOGUE_NAME}").as_ref(),
         ]);
         a.extend(self.system_args.iter().cloned());
         a.extend(["--ro-bind".into(), etc.as_os_str().to_os_string(), "/etc".into()]);
-        for dir in ETC_DIRS {
-            let host = Path::new("/etc").join(dir);
-            if host.is_dir() {
-                a.extend(["--ro-bind-try".into(), host.clone().into_os_string(), host.into_os_string()]);
-            }
+        for host in &self.etc_dirs {
+            a.extend(["--ro-bind-try".into(), host.clone().into_os_string(), host.clone().into_os_string()]);
         }
         let fd = |n: i32| OsString::from(n.to_string());
         a.extend(["--bind-fd".into(), fd(FD_DATA), SANDBOX_DATA_DIR.into()]);
@@ -278,12 +291,13 @@ impl Inner {
         a
     }
 
-    /// Opens the agent dir by handle, hands its files to the agent's uid,
-    /// and prepares /etc and the call's cgroups. Blocking file work.
-    fn prepare(&self, data_dir: &Path) -> Result<Prepared, SandboxError> {
-        let canonical = data_dir
-            .canonicalize()
-            .map_err(|e| SandboxError::InvalidRequest(format!("agent data directory {}: {e}", data_dir.display())))?;
+    /// The blocking file work of a call: open the agent dir by handle and
+    /// hand its files to the agent's uid, prepare /etc and the call's
+    /// cgroups, and build the bwrap command with its options and pipes.
+    fn prepare(&self, req: &ExecRequest, relative: &Path) -> Result<Prepared, SandboxError> {
+        let canonical = req.data_dir.canonicalize().map_err(|e| {
+            SandboxError::InvalidRequest(format!("agent data directory {}: {e}", req.data_dir.display()))
+        })?;
         let agent = ownership::open_agent_dir(&canonical)?;
         let uid = self.uids.for_dir(&canonical);
         let adopted = ownership::adopt(&agent.dir, uid, uid)?;
@@ -295,47 +309,19 @@ impl Inner {
             .for_uid(uid)
             .map_err(|e| SandboxError::Unavailable(format!("cannot prepare the sandbox's /etc: {e}")))?;
         let cgroup = self.cgroups.create_call(self.limits.memory_bytes_max, self.limits.processes_max);
-        Ok(Prepared { agent, uid, etc, cgroup })
-    }
-
-    async fn run_call(self: &Arc<Self>, req: ExecRequest, started: Instant) -> Result<ExecOutput, SandboxError> {
-        if let Some(reason) = &self.broken {
-            return Err(SandboxError::Unavailable(reason.clone()));
-        }
-        let relative = req.validate()?;
-        if req.network == Network::On
-            && let Err(e) = &self.egress
-        {
-            return Err(SandboxError::Unavailable(e.clone()));
-        }
-        let deadline = started + req.timeout;
-        let mut cancel = req.cancel.clone();
-
-        let _slot = tokio::select! {
-            biased;
-            _ = supervise::cancelled(&mut cancel) => return Ok(not_started(started, false, "cancelled before start")),
-            _ = tokio::time::sleep_until(deadline) => return Ok(not_started(started, true, "no free sandbox slot before the timeout")),
-            slot = self.slots.clone().acquire_owned() => slot.map_err(|_| SandboxError::Unavailable("sandbox is shutting down".into()))?,
-        };
-
-        let this = self.clone();
-        let data_dir = req.data_dir.clone();
-        let Prepared { agent, uid, etc, cgroup } = tokio::task::spawn_blocking(move || this.prepare(&data_dir))
-            .await
-            .map_err(|e| SandboxError::Io(std::io::Error::other(e)))??;
         let workdir = if relative.as_os_str().is_empty() {
             PathBuf::from(SANDBOX_DATA_DIR)
         } else {
-            Path::new(SANDBOX_DATA_DIR).join(&relative)
+            Path::new(SANDBOX_DATA_DIR).join(relative)
         };
-        // The start-up handshake is only needed to move the sandbox into
-        // cgroups or to connect its network; without either it would only
-        // add a round trip.
-        let handshake = cgroup.is_active() || req.network == Network::On;
+        // Network-on needs the sandbox's PID 1 (reported on fd 8) to connect
+        // its network while the sandbox waits on fd 9. Cgroups need no
+        // handshake: bwrap joins them before it forks anything.
+        let handshake = req.network == Network::On;
         let args = self.call_args(&etc, agent.config.is_some(), &workdir, handshake);
 
         // Pipes: options, seccomp programs, the handshake, the output.
-        let (args_r, mut args_w) = std::io::pipe()?;
+        let (args_r, args_w) = std::io::pipe()?;
         let mut fds = vec![
             FdMapping { parent_fd: args_r.into(), child_fd: FD_ARGS },
             FdMapping { parent_fd: agent.dir, child_fd: FD_DATA },
@@ -384,6 +370,23 @@ impl Inner {
             .kill_on_drop(true);
         cmd.fd_mappings(fds).map_err(|e| SandboxError::Io(std::io::Error::other(e)))?;
 
+        let mut gate = Vec::with_capacity(4096);
+        for arg in &args {
+            gate.extend_from_slice(arg.as_bytes());
+            gate.push(0);
+        }
+        Ok(Prepared { cmd, gate, args_w, output: out_r, cgroup, handshake_pipes, workdir })
+    }
+
+    /// Starts the prepared bwrap, gated on its options: limits and cgroups
+    /// first, so that everything it forks inherits them (no process of the
+    /// call is ever outside), then the options.
+    ///
+    /// Runs on a runtime worker, never on a blocking-pool thread: bwrap's
+    /// `--die-with-parent` is tied to the *thread* that forked it, and idle
+    /// blocking threads exit after 10 s, which would kill the sandbox.
+    async fn start(&self, prepared: Prepared) -> Result<Started, SandboxError> {
+        let Prepared { mut cmd, gate, mut args_w, output, cgroup, handshake_pipes, workdir } = prepared;
         let mut child = cmd
             .spawn()
             .map_err(|e| SandboxError::Unavailable(format!("cannot start {}: {e}", self.bwrap.display())))?;
@@ -391,76 +394,84 @@ impl Inner {
         // so the output and the report reach EOF when bwrap is gone.
         drop(cmd);
         let pid = child.id().ok_or_else(|| SandboxError::Io(std::io::Error::other("bwrap exited at once")))?;
-
-        // bwrap is blocked reading fd 3: limits first (fast, inherited by
-        // everything it starts), then the cgroup migration of the outer
-        // bwrap, which costs an RCU grace period (milliseconds), runs in the
-        // background while bwrap clones and mounts.
         if let Err(e) = set_rlimits(pid, &self.limits) {
             let _ = child.start_kill();
-            let _ = child.wait().await;
-            cgroup.finish().await;
             return Err(SandboxError::Unavailable(format!("cannot apply resource limits: {e}")));
         }
-        let cgroup = Arc::new(cgroup);
-        let outer_join = cgroup.is_active().then(|| {
-            tokio::task::spawn_blocking({
-                let cgroup = cgroup.clone();
-                move || cgroup.join(pid)
+        let cgroup = if self.cgroups.moves_are_fast() {
+            cgroup.join(pid);
+            cgroup
+        } else {
+            tokio::task::spawn_blocking(move || {
+                cgroup.join(pid);
+                cgroup
             })
-        });
-        let mut gate = Vec::with_capacity(4096);
-        for arg in &args {
-            gate.extend_from_slice(arg.as_bytes());
-            gate.push(0);
-        }
+            .await
+            .map_err(|e| SandboxError::Io(std::io::Error::other(e)))?
+        };
         // A failed write means bwrap died; its message arrives on the output.
         let _ = args_w.write_all(&gate);
         drop(args_w);
+        Ok(Started { child, output, cgroup, handshake_pipes, workdir })
+    }
 
-        // The sandbox's PID 1 may have been cloned before the outer bwrap
-        // moved; move it too (fast now). The command is its fork, made only
-        // after we release fd 9, so every process of the call is inside.
-        let (info, block_w) = match handshake_pipes {
-            Some((info_r, block_w)) => (read_info(info_r, deadline).await, Some(block_w)),
-            None => (None, None),
-        };
-        if let Some(join) = outer_join {
-            let _ = join.await;
+    async fn run_call(self: &Arc<Self>, req: ExecRequest, started: Instant) -> Result<ExecOutput, SandboxError> {
+        if let Some(reason) = &self.broken {
+            return Err(SandboxError::Unavailable(reason.clone()));
         }
-        if let Some(sandbox_pid) = info
-            && cgroup.is_active()
+        let relative = req.validate()?;
+        if req.network == Network::On
+            && let Err(e) = &self.egress
         {
-            let cgroup = cgroup.clone();
-            let _ = tokio::task::spawn_blocking(move || cgroup.join(sandbox_pid)).await;
+            return Err(SandboxError::Unavailable(e.clone()));
         }
-        let cgroup = Arc::into_inner(cgroup).expect("join tasks finished");
-        let egress = match (&req.network, &self.egress, info) {
-            (Network::Off, _, _) => None,
-            (Network::On, Ok(egress), Some(sandbox_pid)) => match egress.attach(sandbox_pid, deadline).await {
-                Ok(guard) => Some(guard),
-                Err(e) => {
-                    let _ = child.start_kill();
-                    let _ = child.wait().await;
-                    cgroup.finish().await;
-                    return Err(SandboxError::Unavailable(e));
-                }
-            },
-            // bwrap failed before cloning: nothing to connect; its error
-            // arrives on the output.
-            (Network::On, _, _) => None,
-        };
-        if let Some(mut block_w) = block_w {
-            let _ = block_w.write_all(b"x");
-        }
+        let deadline = started + req.timeout;
+        let mut cancel = req.cancel.clone();
 
-        let output = pipe::Receiver::from_owned_fd(OwnedFd::from(out_r))?;
+        let _slot = tokio::select! {
+            biased;
+            _ = supervise::cancelled(&mut cancel) => return Ok(not_started(started, false, "cancelled before start")),
+            _ = tokio::time::sleep_until(deadline) => return Ok(not_started(started, true, "no free sandbox slot before the timeout")),
+            slot = self.slots.clone().acquire_owned() => slot.map_err(|_| SandboxError::Unavailable("sandbox is shutting down".into()))?,
+        };
+
+        let this = self.clone();
+        let output_bytes_max = req.output_bytes_max;
+        let prepared = tokio::task::spawn_blocking(move || this.prepare(&req, &relative))
+            .await
+            .map_err(|e| SandboxError::Io(std::io::Error::other(e)))??;
+        let Started { mut child, output, cgroup, handshake_pipes, workdir } = self.start(prepared).await?;
+
+        let egress = match (handshake_pipes, &self.egress) {
+            (Some((info_r, block_w)), Ok(egress)) => {
+                let guard = match read_info(info_r, deadline).await {
+                    Some(sandbox_pid) => match egress.attach(sandbox_pid, deadline).await {
+                        Ok(guard) => Some(guard),
+                        Err(e) => {
+                            let _ = child.start_kill();
+                            let _ = child.wait().await;
+                            cgroup.finish().await;
+                            return Err(SandboxError::Unavailable(e));
+                        }
+                    },
+                    // bwrap failed before cloning: nothing to connect; its
+                    // error arrives on the output.
+                    None => None,
+                };
+                let mut block_w = block_w;
+                let _ = block_w.write_all(b"x");
+                guard
+            }
+            _ => None,
+        };
+
+        let output = pipe::Receiver::from_owned_fd(OwnedFd::from(output))?;
         let supervised = supervise::supervise(
             child,
             output,
             deadline,
             cancel,
-            req.output_bytes_max,
+            output_bytes_max,
             &|child| {
                 let _ = child.start_kill();
             },

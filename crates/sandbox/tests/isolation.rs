@@ -161,9 +161,14 @@ async fn host_processes_are_invisible() {
 async fn no_file_descriptors_leak_into_the_sandbox() {
     let exec = bwrap();
     let agents = Agents::new();
+    // A host handle the platform holds without close-on-exec (as if
+    // inherited from its own parent): it must not reach the command.
+    let outside = std::fs::File::open(agents.root.path()).unwrap();
+    rustix::io::fcntl_setfd(&outside, rustix::io::FdFlags::empty()).unwrap();
     let out = run(&*exec, &agents.a, "ls /proc/self/fd | tr '\\n' ' '; readlink /proc/self/fd/0").await;
     // 0-2, plus the directory ls itself opened.
     assert_eq!(out.output, "0 1 2 3 /dev/null\n");
+    drop(outside);
 }
 
 #[tokio::test]

@@ -114,6 +114,27 @@ async fn a_memory_hog_hits_the_address_space_limit() {
     assert_eq!(out.output, "still works\n");
 }
 
+/// Joining a call's cgroups must not cost a kernel grace period per call:
+/// on Linux 6.0+ as root the executor turns on `favordynmods`.
+#[tokio::test]
+async fn cgroup_moves_are_fast_where_the_kernel_allows() {
+    let exec = bwrap();
+    let health = exec.check().await;
+    let Some(note) = health.notes.iter().find(|n| n.starts_with("cgroup v1:")) else {
+        eprintln!("no cgroup v1 on this host: {:?}", health.notes);
+        return;
+    };
+    assert!(note.contains("moves are fast") || note.contains("moves are slow"), "{note}");
+    let release = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap();
+    let major: u32 = release.split('.').next().unwrap().parse().unwrap();
+    if major >= 6 && note.contains("memory at") {
+        assert!(note.contains("moves are fast"), "{note}");
+    }
+    // The hierarchy carrying the option is detached: no mount is left.
+    let mountinfo = std::fs::read_to_string("/proc/self/mountinfo").unwrap();
+    assert!(!mountinfo.contains("tinyfat-fast-moves"), "{mountinfo}");
+}
+
 #[tokio::test]
 async fn a_memory_hog_hits_the_cgroup_limit_where_cgroups_exist() {
     let limits = Limits { memory_bytes_max: 128 << 20, ..Limits::default() };

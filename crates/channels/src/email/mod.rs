@@ -11,6 +11,7 @@
 //! - [`outbound`]: replies and new mail composed from markdown, threaded and
 //!   quoted, as RFC 5322 bytes (SMTP) or a Resend request.
 //! - [`outbox_file`]: the agent's `outbox/email/*.json` files (SPEC §5).
+//! - [`smtp_in`]: the SMTP listener's dedup key and EHLO reply.
 //!
 //! Architecture invariant: nothing here sends, fetches or stores. The
 //! platform moves bytes; this module decides what they mean.
@@ -21,6 +22,7 @@ pub mod inbound;
 pub mod outbound;
 pub mod outbox_file;
 pub mod resend;
+pub mod smtp_in;
 pub mod svix;
 
 pub use inbound::{InboundEmail, InboundError, InboundLimits};

@@ -8,7 +8,8 @@
 //! - `process_outbox`: under the lease, after each turn and first when a job
 //!   is retried.
 //! - `send`: deliver one `email` row of the delivery table.
-//! - `start`: the SMTP listener and IMAP pollers, when configured.
+//! - `start`: the SMTP listener (`smtp_listener`, bound by `serve` first so
+//!   a bad address or certificate stops startup) and IMAP pollers.
 //!
 //! Inbound flow (Resend): the webhook is verified (Svix) over the raw body
 //! before anything is parsed; a bad or missing signature answers 401 and
@@ -67,6 +68,8 @@ use tokio::sync::watch;
 
 use crate::inbound::{JOB_KIND_MESSAGE, MessageJob};
 use crate::state::AppState;
+
+pub mod smtp_listener;
 
 /// The job kind of a verified Resend notice, waiting to be fetched.
 pub const JOB_KIND_EMAIL: &str = "email";
@@ -1079,5 +1082,10 @@ async fn check_outbox_policy(
     read_attachments(workspace, &paths).map(drop)
 }
 
-/// Starts the SMTP listener and IMAP pollers that the settings enable.
-pub async fn start(_state: AppState, _shutdown: watch::Receiver<bool>) {}
+/// Runs the SMTP listener (bound by the caller with `smtp_listener::bind`)
+/// and the IMAP pollers that the settings enable, until `shutdown`.
+pub async fn start(state: AppState, smtp: Option<smtp_listener::SmtpListener>, shutdown: watch::Receiver<bool>) {
+    if let Some(smtp) = smtp {
+        smtp.run(state, shutdown).await;
+    }
+}
