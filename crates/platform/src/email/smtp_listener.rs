@@ -175,6 +175,7 @@ async fn serve_connection(
     config: &SessionConfig,
     shutdown: watch::Receiver<bool>,
 ) {
+    let _ = stream.set_nodelay(true);
     let mut session = Session::new(peer, config, state, shutdown);
     let mut plain = BufReader::new(stream);
     let greeting = format!("220 {} ESMTP tinyfat\r\n", config.domain);
@@ -526,8 +527,9 @@ impl<'a> Session<'a> {
 }
 
 async fn write<S: AsyncRead + AsyncWrite + Unpin>(io: &mut BufReader<S>, reply: &str) -> std::io::Result<()> {
+    // One write per reply: two small segments would wait on the peer's
+    // delayed ACK (Nagle), ~40-200 ms per command.
     let stream = io.get_mut();
-    stream.write_all(reply.as_bytes()).await?;
-    stream.write_all(b"\r\n").await?;
+    stream.write_all(format!("{reply}\r\n").as_bytes()).await?;
     stream.flush().await
 }
