@@ -36,8 +36,12 @@ const ETC_FILES: &[&str] = &[
     "gai.conf",
 ];
 
-/// Host directories bound read-only into the sandbox's /etc.
-pub(crate) const ETC_DIRS: &[&str] = &["ld.so.conf.d", "alternatives", "ssl", "ca-certificates"];
+/// Host directories bound read-only into the sandbox's /etc (each bind
+/// costs a mount per call). Only what unprivileged tools read at run time:
+/// `alternatives` (the targets of /usr/bin/editor and friends) and `ssl`
+/// (CA certificates, openssl.cnf). `ld.so.conf.d` and `ca-certificates`
+/// are read only by ldconfig and update-ca-certificates, which need root.
+pub(crate) const ETC_DIRS: &[&str] = &["alternatives", "ssl"];
 
 type Fingerprint = Vec<Option<(u64, u64, i64, i64, u64)>>;
 

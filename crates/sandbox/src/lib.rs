@@ -9,12 +9,13 @@
 //! Module map: `exec` (the contract: request, output, errors, trait),
 //! `bwrap` (the sandbox), `ownership` (opening and adopting the agent's
 //! directory), `etc` (the sandbox's minimal /etc), `cgroup` (per-call
-//! memory/pids cgroups), `seccomp` (the syscall deny list), `netguard`
+//! memory/pids cgroups, fast moves), `seccomp` (the syscall deny list), `netguard`
 //! (network-on through pasta, public addresses only), `supervise` (timeout,
 //! cancellation, output), `capture` (bounded output), `unsandboxed`.
 //!
 //! Host requirements: root, bubblewrap, util-linux (setpriv, nsenter,
-//! prlimit), bash; for network-on also passt (pasta) and iproute2.
+//! prlimit; mount and umount to make cgroup moves fast), bash; for
+//! network-on also passt (pasta) and iproute2.
 //!
 //! Architecture invariants: this crate knows nothing about models, channels
 //! or turns; secrets never reach it (the sandbox environment is built from

@@ -12,9 +12,16 @@
 //! one of them is committed; a store error answers `451 4.3.0` so the
 //! sender retries, and a retry enqueues nothing twice.
 //!
-//! Must not: parse or judge the message (the job does that under the lease:
-//! loops, allowed senders, DKIM/SPF/DMARC with the envelope kept here), or
-//! acknowledge anything that is not yet durable.
+//! Bounds: `email.smtp_connections_max` sessions at once (more get 421),
+//! `email.smtp_recipients_max` per message (452), `smtp_command_timeout_s`
+//! per command or block of DATA (421), 4 KiB per command line, 20 bad
+//! commands per connection; so memory is at most connections × the size cap.
+//! On shutdown, sessions waiting for a command get 421 and the rest have
+//! 10 s to finish.
+//!
+//! Must not: judge the message (only its Message-ID is read here; the job
+//! checks loops, allowed senders and DKIM/SPF/DMARC under the lease, with
+//! the envelope kept here), or acknowledge anything not yet durable.
 
 use std::net::SocketAddr;
 use std::path::Path;
@@ -175,6 +182,7 @@ async fn serve_connection(
     config: &SessionConfig,
     shutdown: watch::Receiver<bool>,
 ) {
+    let _ = stream.set_nodelay(true);
     let mut session = Session::new(peer, config, state, shutdown);
     let mut plain = BufReader::new(stream);
     let greeting = format!("220 {} ESMTP tinyfat\r\n", config.domain);
@@ -526,8 +534,9 @@ impl<'a> Session<'a> {
 }
 
 async fn write<S: AsyncRead + AsyncWrite + Unpin>(io: &mut BufReader<S>, reply: &str) -> std::io::Result<()> {
+    // One write per reply: two small segments would wait on the peer's
+    // delayed ACK (Nagle), ~40-200 ms per command.
     let stream = io.get_mut();
-    stream.write_all(reply.as_bytes()).await?;
-    stream.write_all(b"\r\n").await?;
+    stream.write_all(format!("{reply}\r\n").as_bytes()).await?;
     stream.flush().await
 }
