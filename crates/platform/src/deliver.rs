@@ -47,7 +47,9 @@ pub async fn run(state: AppState, mut shutdown: watch::Receiver<bool>) {
     }
 }
 
-async fn deliver(state: &AppState, delivery: &Delivery) {
+/// Claims, sends and records one delivery (also used by the worker to send
+/// email replies inline under the lease, see `email::replies`).
+pub(crate) async fn deliver(state: &AppState, delivery: &Delivery) {
     let store = &state.platform.store;
     let now = state.platform.now_ms();
     // Web and terminal rows have no external side effect to protect from a
