@@ -1099,5 +1099,14 @@ async fn check_outbox_policy(
     read_attachments(workspace, &paths).map(drop)
 }
 
+/// The startup line for outbound email: which provider, and whether it can send.
+pub fn outbound_status(settings: &crate::config::EmailSettings) -> String {
+    match settings.provider.as_str() {
+        "smtp" => format!("email: sending via {}", smtp_send::describe(settings)),
+        _ if settings.resend_api_key.is_some() => "email: sending via Resend".to_owned(),
+        _ => "email: sending off (set RESEND_API_KEY, or email.provider = \"smtp\" with email.smtp_host); email replies will fail".to_owned(),
+    }
+}
+
 /// Starts the SMTP listener and IMAP pollers that the settings enable.
 pub async fn start(_state: AppState, _shutdown: watch::Receiver<bool>) {}

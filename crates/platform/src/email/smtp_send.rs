@@ -56,6 +56,21 @@ pub async fn send(settings: &EmailSettings, email: &OutboundEmail) -> Result<Str
     }
 }
 
+/// The startup line's words for the SMTP settings (no password).
+pub fn describe(settings: &EmailSettings) -> String {
+    let tls = match settings.smtp_tls.as_str() {
+        "tls" => "implicit TLS",
+        "none" => "no TLS (loopback relay)",
+        _ => "STARTTLS required",
+    };
+    let auth = match (settings.smtp_username.as_deref().filter(|u| !u.is_empty()), &settings.smtp_password) {
+        (Some(user), Some(_)) => format!("AUTH as {user}"),
+        (Some(user), None) => format!("AUTH as {user} with an empty password (set SMTP_PASSWORD)"),
+        (None, _) => "no AUTH (set email.smtp_username and SMTP_PASSWORD if the server needs it)".to_owned(),
+    };
+    format!("SMTP {}:{}, {tls}, {auth}", settings.smtp_host, settings.smtp_port)
+}
+
 fn envelope(email: &OutboundEmail) -> Result<Envelope, SendError> {
     let address =
         |a: &EmailAddress| a.as_str().parse::<lettre::Address>().map_err(|e| SendError::Permanent(format!("{a}: {e}")));

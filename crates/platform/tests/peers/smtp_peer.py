@@ -16,8 +16,12 @@ import asyncio
 import json
 import os
 import sys
+import logging
 
 from aiosmtpd.smtp import SMTP, AuthResult
+
+# aiosmtpd warns about its own use of a deprecated attribute on every login.
+logging.getLogger("mail.log").setLevel(logging.ERROR)
 
 folder = sys.argv[1]
 credentials = (sys.argv[2], sys.argv[3]) if len(sys.argv) > 3 else None
@@ -67,7 +71,7 @@ def authenticator(server, session, envelope, mechanism, auth_data):
     if ok:
         with open(os.path.join(folder, "auth.log"), "a") as f:
             f.write(f"{mechanism} {auth_data.login.decode()}\n")
-    return AuthResult(success=ok)
+    return AuthResult(success=ok, handled=False)
 
 
 async def main():
