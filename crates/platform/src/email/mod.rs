@@ -448,11 +448,14 @@ pub async fn prepare_email_job_detailed(
             target: serde_json::to_string(&conversation).expect("serialisable"),
             body: json!({"text": answer, "attachments": [], "email": payload.email}).to_string(),
         };
-        store
+        let row = store
             .insert_delivery(&new, state.platform.now_ms())
             .await
-            .map_err(|e| PrepareError::Transient(e.to_string()))?;
-        state.deliveries_wake.notify_one();
+            .map_err(|e| PrepareError::Transient(e.to_string()))?
+            .delivery;
+        // Sent now, under the lease (the delivery loop leaves new replies to
+        // their worker for a moment); filed in outbox/sent/ by the next run.
+        crate::deliver::deliver(state, &row).await;
         return Ok(None);
     }
     let new = NewJob {

@@ -7,7 +7,8 @@ accepts is written to FOLDER/msg-N.eml (the bytes as received) with
 FOLDER/msg-N.json ({"mail_from", "rcpt_tos"}). Before each DATA answer it
 pops the first line of FOLDER/replies, if any: "451 ..." or "550 ..." is
 answered as is (nothing stored); "drop" stores the message and closes the
-connection without answering (a 250 that never arrived). With USER and
+connection without answering (a 250 that never arrived); "hold SECONDS"
+stores it and waits that long before the 250. With USER and
 PASSWORD, AUTH is offered (no TLS: loopback only) and other credentials get
 535; each login is appended to FOLDER/auth.log. Exits when stdin closes.
 """
@@ -56,6 +57,11 @@ def store(envelope):
 class Handler:
     async def handle_DATA(self, server, session, envelope):
         reply = next_reply()
+        if reply and reply.startswith("hold "):
+            # Stored, then the 250 waits: the test kills the sender meanwhile.
+            store(envelope)
+            await asyncio.sleep(float(reply.split()[1]))
+            return "250 OK queued"
         if reply == "drop":
             store(envelope)
             server.transport.close()
