@@ -11,12 +11,14 @@
 //! - due email deliveries of the agent are sent inline, right after the
 //!   turn recorded them, through the delivery loop's own `deliver` (claim
 //!   `sending`, send, record `sent`/`failed`/retry), so the reply is filed
-//!   in the same run;
+//!   in the same run (the loop leaves new replies to the worker for a few
+//!   seconds, see `deliver`);
 //! - the agent's newest deliveries that are `sent` or `failed` but not yet
-//!   filed are filed: those the delivery loop sent (a transient failure it
-//!   retried, a `stop` answer, or a race it won for the claim) are filed by
-//!   the agent's next run. Only the newest `RECENT_DELIVERIES_MAX` rows are
-//!   looked at; an older one never filed stays only in the delivery table.
+//!   filed are filed: those sent outside a turn (a transient failure the
+//!   loop retried, a resend after a crash, a `stop` or `/status` answer)
+//!   are filed by the agent's next run. Only the newest
+//!   `RECENT_DELIVERIES_MAX` rows are looked at; an older one never filed
+//!   stays only in the delivery table.
 //!
 //! Filing is idempotent: a file already there is left alone, so a crash
 //! between the send and the filing only delays the file.
