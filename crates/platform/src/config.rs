@@ -43,13 +43,14 @@ const SECTIONS: [&str; 12] = [
 const NOT_SETTINGS: [&str; 3] = ["log", "agent", "s3_endpoint"];
 
 /// Provider variables that are read as aliases of a key.
-const ALIASES: [(&str, &str, &str); 6] = [
+const ALIASES: [(&str, &str, &str); 7] = [
     ("ANTHROPIC_API_KEY", "model", "anthropic_api_key"),
     ("ANTHROPIC_BASE_URL", "model", "anthropic_base_url"),
     ("OPENAI_API_KEY", "model", "openai_api_key"),
     ("OPENAI_BASE_URL", "model", "openai_base_url"),
     ("RESEND_API_KEY", "email", "resend_api_key"),
     ("RESEND_WEBHOOK_SECRET", "email", "resend_webhook_secret"),
+    ("SMTP_PASSWORD", "email", "smtp_password"),
 ];
 
 #[derive(Debug, thiserror::Error)]
@@ -109,6 +110,16 @@ pub struct EmailSettings {
     pub smtp_command_timeout_s: u64,
     /// Connections served at once; more are answered 421 and closed.
     pub smtp_connections_max: u32,
+    /// Outbound SMTP (`provider = "smtp"`): the submission server.
+    pub smtp_host: String,
+    pub smtp_port: u16,
+    pub smtp_username: Option<String>,
+    pub smtp_password: Option<Secret>,
+    /// `starttls` (default, required — never opportunistic), `tls` (implicit
+    /// TLS, port 465) or `none` (loopback hosts only: a local relay).
+    pub smtp_tls: String,
+    /// Bound on one whole SMTP transaction, connect to the 250 after DATA.
+    pub smtp_timeout_s: u64,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -285,6 +296,12 @@ impl Default for EmailSettings {
             smtp_recipients_max: 100,
             smtp_command_timeout_s: 300,
             smtp_connections_max: 100,
+            smtp_host: String::new(),
+            smtp_port: 587,
+            smtp_username: None,
+            smtp_password: None,
+            smtp_tls: "starttls".to_owned(),
+            smtp_timeout_s: 20,
         }
     }
 }
@@ -392,6 +409,8 @@ impl Settings {
         Ok(())
     }
 
+    /// SMTP settings (listener and sending) are checked whatever the provider, so a typo is
+    /// reported at startup rather than at the first send.
     fn validate_smtp(&self) -> Result<(), ConfigError> {
         let email = &self.email;
         if !email.smtp_listen.trim().is_empty() && email.smtp_listen.trim().parse::<std::net::SocketAddr>().is_err() {
@@ -409,6 +428,28 @@ impl Settings {
             return Err(ConfigError::Invalid(
                 "email.smtp_recipients_max, smtp_connections_max and smtp_command_timeout_s must be above 0".to_owned(),
             ));
+        }
+        if !matches!(email.smtp_tls.as_str(), "starttls" | "tls" | "none") {
+            return Err(ConfigError::Invalid(format!(
+                "email.smtp_tls {:?}: expected \"starttls\", \"tls\" or \"none\"",
+                email.smtp_tls
+            )));
+        }
+        if email.provider == "smtp" && email.smtp_host.trim().is_empty() {
+            return Err(ConfigError::Invalid(
+                "email.provider = \"smtp\" needs email.smtp_host (TINYFAT_EMAIL_SMTP_HOST)".to_owned(),
+            ));
+        }
+        // Plaintext would expose the password and the mail on the network; a
+        // relay on this machine (loopback) is the one place it is acceptable.
+        if email.smtp_tls == "none" && !email.smtp_host.is_empty() && !is_loopback_host(&email.smtp_host) {
+            return Err(ConfigError::Invalid(format!(
+                "email.smtp_tls = \"none\" is allowed only for a loopback smtp_host (localhost, 127.0.0.1, ::1), not {:?}: use \"starttls\" or \"tls\"",
+                email.smtp_host
+            )));
+        }
+        if !(1..=600).contains(&email.smtp_timeout_s) {
+            return Err(ConfigError::Invalid("email.smtp_timeout_s must be 1..=600".to_owned()));
         }
         Ok(())
     }
@@ -436,6 +477,12 @@ impl Settings {
     pub fn late_grace(&self) -> Duration {
         parse_duration(&self.scheduler.late_grace).expect("validated")
     }
+}
+
+/// `localhost` or a loopback IP address (`127.0.0.0/8`, `::1`).
+pub fn is_loopback_host(host: &str) -> bool {
+    let host = host.trim().trim_start_matches('[').trim_end_matches(']');
+    host.eq_ignore_ascii_case("localhost") || host.parse::<std::net::IpAddr>().is_ok_and(|ip| ip.is_loopback())
 }
 
 /// `path` made absolute against the current directory (not canonicalised).

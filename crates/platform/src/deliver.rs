@@ -7,6 +7,12 @@
 //! (a web client that reconnects reads the reply from the run replay), so
 //! their rows are marked sent at once. Other channels need their adapter;
 //! until one is configured, the row fails visibly with the reason.
+//!
+//! Email replies and `send_message` emails are first sent inline by the
+//! worker that recorded them, under the agent's lease, so it can file them
+//! in `outbox/sent/` (`email::replies`); this loop leaves such a row alone
+//! for `INLINE_GRACE_MS` after it was recorded and takes it only if it is
+//! still unsent then (the worker died, or a retry is due).
 
 use std::time::Duration;
 
@@ -20,6 +26,18 @@ const DUE_BATCH_MAX: u32 = 100;
 const IDLE_SLEEP: Duration = Duration::from_millis(500);
 /// A row left `sending` this long was abandoned by a crashed process.
 const SENDING_STALE_MS: i64 = 60_000;
+/// How long a new email reply is left to the worker that sends it inline.
+const INLINE_GRACE_MS: i64 = 5_000;
+
+/// A first send the recording worker makes inline (see the module header).
+fn left_to_the_worker(delivery: &Delivery, now: i64) -> bool {
+    let key = &delivery.idempotency_key;
+    delivery.channel == "email"
+        && delivery.attempts == 0
+        && !key.starts_with("outbox:")
+        && !key.starts_with("error:")
+        && now - delivery.created_ms < INLINE_GRACE_MS
+}
 
 pub async fn run(state: AppState, mut shutdown: watch::Receiver<bool>) {
     loop {
@@ -34,7 +52,7 @@ pub async fn run(state: AppState, mut shutdown: watch::Receiver<bool>) {
                 Vec::new()
             }
         };
-        for delivery in &due {
+        for delivery in due.iter().filter(|d| !left_to_the_worker(d, now)) {
             deliver(&state, delivery).await;
         }
         if due.len() < DUE_BATCH_MAX as usize {
@@ -47,7 +65,9 @@ pub async fn run(state: AppState, mut shutdown: watch::Receiver<bool>) {
     }
 }
 
-async fn deliver(state: &AppState, delivery: &Delivery) {
+/// Claims, sends and records one delivery (also used by the worker to send
+/// email replies inline under the lease, see `email::replies`).
+pub(crate) async fn deliver(state: &AppState, delivery: &Delivery) {
     let store = &state.platform.store;
     let now = state.platform.now_ms();
     // Web and terminal rows have no external side effect to protect from a

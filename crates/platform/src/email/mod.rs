@@ -42,6 +42,17 @@
 //! leaves the file in `sending/`; the next run finds the row (sent: just
 //! file it) or resends it under the same delivery id, so Resend dedups it by
 //! `Idempotency-Key: {agent_id}:{delivery_id}` (at-least-once for SMTP).
+//!
+//! SMTP (`smtp_send`): the Message-ID `<{delivery_id}@{email.domain}>` is
+//! the key; a delivery left `sending` by a crash, or whose 250 was lost, is
+//! resent with the same Message-ID (at-least-once; receivers dedup by it).
+//!
+//! Replies (`replies`): email deliveries other than outbox files are sent
+//! inline under the lease right after the turn, and filed in `outbox/sent/`
+//! (or `failed/`) by the run that finds them settled.
+
+mod replies;
+mod smtp_send;
 
 use std::sync::OnceLock;
 use std::time::Duration;
@@ -441,11 +452,14 @@ pub async fn prepare_email_job_detailed(
             target: serde_json::to_string(&conversation).expect("serialisable"),
             body: json!({"text": answer, "attachments": [], "email": payload.email}).to_string(),
         };
-        store
+        let row = store
             .insert_delivery(&new, state.platform.now_ms())
             .await
-            .map_err(|e| PrepareError::Transient(e.to_string()))?;
-        state.deliveries_wake.notify_one();
+            .map_err(|e| PrepareError::Transient(e.to_string()))?
+            .delivery;
+        // Sent now, under the lease (the delivery loop leaves new replies to
+        // their worker for a moment); filed in outbox/sent/ by the next run.
+        crate::deliver::deliver(state, &row).await;
         return Ok(None);
     }
     let new = NewJob {
@@ -718,7 +732,8 @@ struct OutboxDraft {
     references: Vec<String>,
 }
 
-/// Sends one email delivery; returns the provider's message id.
+/// Sends one email delivery through the configured provider (Resend or
+/// SMTP); returns the provider's message id (SMTP: the Message-ID).
 pub async fn send(state: &AppState, delivery: &Delivery) -> Result<Option<String>, SendError> {
     let platform = &state.platform;
     let agent = platform
@@ -729,6 +744,28 @@ pub async fn send(state: &AppState, delivery: &Delivery) -> Result<Option<String
         .ok_or_else(|| SendError::Permanent("the agent no longer exists".into()))?;
     let body: EmailBody = serde_json::from_str(&delivery.body)
         .map_err(|e| SendError::Permanent(format!("unreadable email delivery body: {e}")))?;
+    let mut draft = draft_for(state, &agent, delivery, &body).await?;
+    if !body.attachments.is_empty() {
+        let workspace = platform
+            .storage
+            .checkout(&agent.id)
+            .await
+            .map_err(|e| SendError::Transient { error: e.to_string(), retry_after_ms: None })?;
+        draft.attachments = read_attachments(&workspace, &body.attachments).map_err(SendError::Permanent)?;
+    }
+    let date = DateTime::from_timestamp_millis(platform.now_ms()).unwrap_or_default();
+    let email = outbound::compose(draft, &delivery.id, &platform.settings.email.domain, date)
+        .map_err(|e| SendError::Permanent(e.to_string()))?;
+    match platform.settings.email.provider.as_str() {
+        "resend" => send_resend(state, &agent, &delivery.id, &email).await.map(Some),
+        "smtp" => smtp_send::send(&platform.settings.email, &email).await.map(Some),
+        other => Err(SendError::Permanent(format!("email provider {other:?} is not available in this version"))),
+    }
+}
+
+/// The draft of an email delivery, attachments not read: recipients,
+/// subject and the parent it threads under.
+async fn draft_for(state: &AppState, agent: &Agent, delivery: &Delivery, body: &EmailBody) -> Result<Draft, SendError> {
     let target: Conversation = serde_json::from_str(&delivery.target)
         .map_err(|e| SendError::Permanent(format!("unreadable email delivery target: {e}")))?;
     let parse = |s: &str| {
@@ -757,26 +794,12 @@ pub async fn send(state: &AppState, delivery: &Delivery) -> Result<Option<String
         let to =
             target.to.as_deref().ok_or_else(|| SendError::Permanent("an email delivery needs a recipient".into()))?;
         draft.to = vec![parse(to)?];
-        draft.parent = reply_parent(state, delivery, &body, &draft.to[0]).await;
+        draft.parent = reply_parent(state, delivery, body, &draft.to[0]).await;
         if draft.parent.is_none() {
             draft.subject = Some(format!("Message from {}", agent.name));
         }
     }
-    if !body.attachments.is_empty() {
-        let workspace = platform
-            .storage
-            .checkout(&agent.id)
-            .await
-            .map_err(|e| SendError::Transient { error: e.to_string(), retry_after_ms: None })?;
-        draft.attachments = read_attachments(&workspace, &body.attachments).map_err(SendError::Permanent)?;
-    }
-    let date = DateTime::from_timestamp_millis(platform.now_ms()).unwrap_or_default();
-    let email = outbound::compose(draft, &delivery.id, &platform.settings.email.domain, date)
-        .map_err(|e| SendError::Permanent(e.to_string()))?;
-    match platform.settings.email.provider.as_str() {
-        "resend" => send_resend(state, &agent, &delivery.id, &email).await.map(Some),
-        other => Err(SendError::Permanent(format!("email provider {other:?} is not available in this version"))),
-    }
+    Ok(draft)
 }
 
 /// The parent a reply threads under: the inbound mail of the delivery's job
@@ -908,6 +931,7 @@ async fn process_outbox_inner(state: &AppState, agent: &Agent, lease: &Lease) ->
         changed = true;
         send_outbox_file(state, agent, lease, &workspace, &delivery_id).await?;
     }
+    changed |= replies::send_and_file(state, agent, lease, &workspace).await?;
     if changed {
         platform.storage.commit(&workspace).await.map_err(|e| e.to_string())?;
     }
@@ -1080,6 +1104,15 @@ async fn check_outbox_policy(
     }
     let paths: Vec<String> = parsed.attachments.iter().map(|p| p.to_string()).collect();
     read_attachments(workspace, &paths).map(drop)
+}
+
+/// The startup line for outbound email: which provider, and whether it can send.
+pub fn outbound_status(settings: &crate::config::EmailSettings) -> String {
+    match settings.provider.as_str() {
+        "smtp" => format!("email: sending via {}", smtp_send::describe(settings)),
+        _ if settings.resend_api_key.is_some() => "email: sending via Resend".to_owned(),
+        _ => "email: sending off (set RESEND_API_KEY, or email.provider = \"smtp\" with email.smtp_host); email replies will fail".to_owned(),
+    }
 }
 
 /// Runs the SMTP listener (bound by the caller with `smtp_listener::bind`)

@@ -1,0 +1,239 @@
+//! `tinyfat serve` as a real process sending email replies over SMTP to an
+//! independent server (aiosmtpd, `crates/platform/tests/peers/smtp_peer.py`),
+//! killed with `kill -9` while the server holds its 250: the documented
+//! outcome is at-least-once — after the restart the reply is resent with the
+//! same Message-ID `<{delivery_id}@{email.domain}>`, marked sent, and filed in
+//! `outbox/sent/` by the agent's next run. The server's logs (at trace level)
+//! never contain the SMTP password.
+
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use serde_json::{Value, json};
+use tinyfat_channels::email::svix;
+use tinyfat_testkit::{FakeModel, FakeResend, Script};
+
+const BIN: &str = env!("CARGO_BIN_EXE_tinyfat");
+const SECRET: &str = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw";
+const PASSWORD: &str = "pw-Rr5-serve-never-logs-77";
+const DOMAIN: &str = "agents.test";
+
+struct Peer {
+    child: Child,
+    port: u16,
+    dir: tempfile::TempDir,
+}
+
+impl Peer {
+    fn start() -> Peer {
+        let dir = tempfile::tempdir().unwrap();
+        let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../platform/tests/peers/smtp_peer.py");
+        let mut child = Command::new("python3")
+            .arg(&script)
+            .arg(dir.path())
+            .args(["out", PASSWORD])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .spawn()
+            .expect("python3 runs (scripts/test installs aiosmtpd)");
+        let mut line = String::new();
+        BufReader::new(child.stdout.take().unwrap()).read_line(&mut line).unwrap();
+        let port = line.trim().parse().unwrap_or_else(|_| panic!("aiosmtpd did not start: {line:?}"));
+        Peer { child, port, dir }
+    }
+
+    fn messages(&self) -> Vec<String> {
+        (1..).map_while(|n| std::fs::read_to_string(self.dir.path().join(format!("msg-{n}.eml"))).ok()).collect()
+    }
+
+    fn wait_for(&self, count: usize, within: Duration) -> Vec<String> {
+        let deadline = Instant::now() + within;
+        loop {
+            let messages = self.messages();
+            if messages.len() >= count {
+                return messages;
+            }
+            assert!(Instant::now() < deadline, "{} of {count} messages arrived", messages.len());
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+}
+
+impl Drop for Peer {
+    fn drop(&mut self) {
+        drop(self.child.stdin.take());
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+struct Server {
+    child: Child,
+    port: u16,
+}
+
+impl Server {
+    fn start(data: &Path, fake: &FakeModel, resend: &FakeResend, peer: &Peer, log: &Path) -> Server {
+        let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+        let log = std::fs::OpenOptions::new().create(true).append(true).open(log).unwrap();
+        let child = Command::new(BIN)
+            .args(["serve", "--listen", &format!("127.0.0.1:{port}")])
+            .env("TINYFAT_DATA_DIR", data)
+            .env("ANTHROPIC_API_KEY", "sk-test")
+            .env("ANTHROPIC_BASE_URL", fake.base_url())
+            .env("TINYFAT_SANDBOX_MODE", "none")
+            .env("TINYFAT_EMAIL_DOMAIN", DOMAIN)
+            .env("TINYFAT_EMAIL_REQUIRE_AUTH", "false")
+            .env("TINYFAT_EMAIL_RESEND_BASE_URL", resend.url())
+            .env("RESEND_API_KEY", "re_test_key")
+            .env("RESEND_WEBHOOK_SECRET", SECRET)
+            .env("TINYFAT_EMAIL_PROVIDER", "smtp")
+            .env("TINYFAT_EMAIL_SMTP_HOST", "127.0.0.1")
+            .env("TINYFAT_EMAIL_SMTP_PORT", peer.port.to_string())
+            .env("TINYFAT_EMAIL_SMTP_TLS", "none")
+            .env("TINYFAT_EMAIL_SMTP_USERNAME", "out")
+            .env("SMTP_PASSWORD", PASSWORD)
+            .env("TINYFAT_LOG", "trace")
+            .stdout(log.try_clone().unwrap())
+            .stderr(log)
+            .spawn()
+            .unwrap();
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+            assert!(Instant::now() < deadline, "server did not start");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        Server { child, port }
+    }
+
+    async fn webhook(&self, svix_id: &str, body: &Value) {
+        let body = body.to_string();
+        let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs() as i64;
+        let signature = svix::sign(&svix::WebhookSecret::parse(SECRET).unwrap(), svix_id, now, body.as_bytes());
+        let status = reqwest::Client::new()
+            .post(format!("http://127.0.0.1:{}/webhooks/resend", self.port))
+            .header("svix-id", svix_id)
+            .header("svix-timestamp", now.to_string())
+            .header("svix-signature", signature)
+            .body(body)
+            .send()
+            .await
+            .unwrap()
+            .status();
+        assert_eq!(status, 200);
+    }
+
+    fn kill9(mut self) {
+        self.child.kill().unwrap();
+        self.child.wait().unwrap();
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn cli(data: &Path, args: &[&str]) -> Value {
+    let out = Command::new(BIN)
+        .args(args)
+        .arg("--json")
+        .env("TINYFAT_DATA_DIR", data)
+        .env("TINYFAT_EMAIL_DOMAIN", DOMAIN)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{args:?}: {}", String::from_utf8_lossy(&out.stderr));
+    serde_json::from_slice(&out.stdout).unwrap()
+}
+
+fn header(raw: &str, name: &str) -> Option<String> {
+    let head = raw.split("\r\n\r\n").next().unwrap_or(raw).replace("\r\n ", " ").replace("\r\n\t", " ");
+    let prefix = format!("{}:", name.to_ascii_lowercase());
+    head.split("\r\n")
+        .find(|l| l.to_ascii_lowercase().starts_with(&prefix))
+        .map(|l| l[prefix.len()..].trim().to_owned())
+}
+
+fn inbound(resend: &FakeResend, agent_email: &str, id: &str, message_id: &str) -> Value {
+    resend.add_received(json!({
+        "object": "email", "id": id, "to": [agent_email], "from": "Ann <ann@example.com>",
+        "created_at": "2026-07-01T12:00:00.000000+00:00", "subject": "Numbers",
+        "text": "How are the numbers?\n", "html": null, "message_id": message_id,
+        "headers": {}, "attachments": []
+    }));
+    json!({
+        "type": "email.received", "created_at": "2026-07-01T12:00:01.000Z",
+        "data": {"email_id": id, "created_at": "2026-07-01T12:00:00.000Z", "from": "Ann <ann@example.com>",
+                 "to": [agent_email], "cc": [], "subject": "Numbers", "message_id": message_id, "attachments": []}
+    })
+}
+
+fn sent_files(data: &Path, agent_id: &str) -> Vec<PathBuf> {
+    let dir = data.join("storage/agents").join(agent_id).join("outbox/sent");
+    let mut files: Vec<PathBuf> =
+        std::fs::read_dir(dir).map(|d| d.map(|e| e.unwrap().path()).collect()).unwrap_or_default();
+    files.sort();
+    files
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn kill_9_while_the_smtp_server_holds_its_250_resends_with_the_same_message_id() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = tmp.path().join("data");
+    let log = tmp.path().join("serve.log");
+    let fake = FakeModel::start().await;
+    let resend = FakeResend::start().await;
+    let peer = Peer::start();
+    let agent = cli(&data, &["agent", "create", "--owner", "ann@example.com", "--name", "mailer"]);
+    let (agent_id, agent_email) = (agent["id"].as_str().unwrap(), agent["email"].as_str().unwrap());
+    assert!(agent_email.ends_with(&format!("@{DOMAIN}")), "{agent_email}");
+
+    // The first reply's SMTP transaction: stored by the server, the 250 held.
+    std::fs::write(peer.dir.path().join("replies"), "hold 30\n").unwrap();
+    fake.push(Script::text("The numbers are fine."));
+    let server = Server::start(&data, &fake, &resend, &peer, &log);
+    server.webhook("msg_1", &inbound(&resend, agent_email, "em_1", "<q1@example.com>")).await;
+    let first = peer.wait_for(1, Duration::from_secs(60));
+    server.kill9();
+
+    // Restarted: the row is still `sending`; once its claim is stale (60 s)
+    // the reply goes out again with the same Message-ID.
+    let server = Server::start(&data, &fake, &resend, &peer, &log);
+    let messages = peer.wait_for(2, Duration::from_secs(150));
+    let id = header(&first[0], "Message-ID").expect("a Message-ID");
+    assert_eq!(header(&messages[1], "Message-ID"), Some(id.clone()), "resent with the same Message-ID");
+    assert!(id.ends_with(&format!("@{DOMAIN}>")), "{id}");
+    assert_eq!(header(&messages[1], "In-Reply-To").as_deref(), Some("<q1@example.com>"));
+    assert!(messages[1].contains("The numbers are fine."));
+    assert_eq!(fake.requests().len(), 1, "the turn was not run again");
+
+    // The agent's next run (a second mail) files the first reply, sent by
+    // the delivery loop, and sends and files its own reply inline.
+    fake.push(Script::text("Second answer."));
+    server.webhook("msg_2", &inbound(&resend, agent_email, "em_2", "<q2@example.com>")).await;
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while sent_files(&data, agent_id).len() < 2 {
+        assert!(Instant::now() < deadline, "replies filed: {:?}", sent_files(&data, agent_id));
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let messages = peer.messages();
+    assert_eq!(messages.len(), 3, "the first reply twice (at-least-once), the second once");
+    let filed: Vec<Value> = sent_files(&data, agent_id)
+        .iter()
+        .map(|p| serde_json::from_slice(&std::fs::read(p).unwrap()).unwrap())
+        .collect();
+    assert!(
+        filed.iter().any(|f| f["provider_message_id"] == id && f["in_reply_to"] == "<q1@example.com>"),
+        "{filed:?}"
+    );
+    assert!(filed.iter().all(|f| f["status"] == "sent" && f["to"] == json!(["ann@example.com"])), "{filed:?}");
+    drop(server);
+
+    let log = std::fs::read_to_string(&log).unwrap();
+    assert!(log.contains("email: sending via SMTP 127.0.0.1"), "the startup line names the SMTP server");
+    assert!(!log.contains(PASSWORD), "the SMTP password reached the server's log");
+}
