@@ -42,6 +42,8 @@
 //! file it) or resends it under the same delivery id, so Resend dedups it by
 //! `Idempotency-Key: {agent_id}:{delivery_id}` (at-least-once for SMTP).
 
+pub mod imap;
+
 use std::sync::OnceLock;
 use std::time::Duration;
 
@@ -544,7 +546,10 @@ async fn fetch_and_check(
                 mail_from: &e.mail_from,
                 receiver_host,
             });
-            let verdict = auth.verify(raw, envelope.as_ref()).await;
+            let verdict = match imap::trusted_verdict(state, agent, &meta.provider, raw).await {
+                Some(verdict) => verdict,
+                None => auth.verify(raw, envelope.as_ref()).await,
+            };
             if !verdict.admits(require_auth) {
                 tracing::warn!(agent = %agent.name, sender = %email.from, verdict = %verdict, "email failed sender authentication; dropped");
             }
@@ -1079,4 +1084,6 @@ async fn check_outbox_policy(
 }
 
 /// Starts the SMTP listener and IMAP pollers that the settings enable.
-pub async fn start(_state: AppState, _shutdown: watch::Receiver<bool>) {}
+pub async fn start(state: AppState, shutdown: watch::Receiver<bool>) {
+    imap::start(state, shutdown).await;
+}
