@@ -537,8 +537,15 @@ async fn fetch_and_check(
     }
     // Authentication (DMARC-aligned DKIM or SPF) on the raw message.
     let require_auth = settings.email.require_auth;
-    let admitted = match (&raw, authenticator()) {
-        (Some(raw), Some(auth)) => {
+    // IMAP: the mailbox provider's verdict, when it is from the configured
+    // authserv-id; otherwise our own checks.
+    let trusted = match &raw {
+        Some(raw) => imap::trusted_verdict(state, agent, &meta.provider, raw).await,
+        None => None,
+    };
+    let verdict = match (&raw, trusted, authenticator()) {
+        (_, Some(verdict), _) => Some(verdict),
+        (Some(raw), None, Some(auth)) => {
             let receiver_host = settings.email.domain.as_str();
             let envelope = meta.envelope.as_ref().map(|e| SmtpEnvelope {
                 client_ip: e.client_ip,
@@ -546,16 +553,18 @@ async fn fetch_and_check(
                 mail_from: &e.mail_from,
                 receiver_host,
             });
-            let verdict = match imap::trusted_verdict(state, agent, &meta.provider, raw).await {
-                Some(verdict) => verdict,
-                None => auth.verify(raw, envelope.as_ref()).await,
-            };
+            Some(auth.verify(raw, envelope.as_ref()).await)
+        }
+        _ => None,
+    };
+    let admitted = match verdict {
+        Some(verdict) => {
             if !verdict.admits(require_auth) {
                 tracing::warn!(agent = %agent.name, sender = %email.from, verdict = %verdict, "email failed sender authentication; dropped");
             }
             verdict.admits(require_auth)
         }
-        _ => {
+        None => {
             if require_auth {
                 tracing::warn!(agent = %agent.name, sender = %email.from, "email sender cannot be authenticated (no raw message); dropped (email.require_auth = false admits it)");
             }
