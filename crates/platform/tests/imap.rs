@@ -1,7 +1,7 @@
 //! IMAP polling against a real Dovecot (Debian `dovecot-imapd`), started
-//! per test as its own instance: a temporary base_dir, a passwd-file user,
-//! a maildir in a temporary folder, plain IMAP on an ephemeral loopback
-//! port. Mail goes in with IMAP APPEND. The platform is real (SQLite,
+//! per test as its own instance (`tinyfat_testkit::Dovecot`: a temporary
+//! base_dir, a passwd-file user, a maildir in a temporary folder, plain IMAP
+//! on an ephemeral loopback port). Mail goes in with IMAP APPEND. The platform is real (SQLite,
 //! local storage, worker and delivery loop in-process); only the model and
 //! Resend are local fakes.
 //!
@@ -12,8 +12,7 @@
 //! (clear state, no crash, recovers once fixed), and Authentication-Results
 //! believed only from the configured authserv-id.
 
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -26,7 +25,7 @@ use tinyfat_platform::provision::CreateAgent;
 use tinyfat_platform::state::AppState;
 use tinyfat_storage::validate_path;
 use tinyfat_store::{Agent, Job, JobState};
-use tinyfat_testkit::{FakeModel, FakeResend, Script};
+use tinyfat_testkit::{Dovecot, FakeModel, FakeResend, Script};
 use tokio::sync::watch;
 
 const OWNER: &str = "alice@example.com";
@@ -34,69 +33,28 @@ const USER: &str = "mailbot";
 const PASSWORD: &str = "correct horse";
 const AUTHSERV_ID: &str = "mx.mail.test";
 
-/// A Dovecot of its own, killed on drop.
-struct Dovecot {
-    dir: tempfile::TempDir,
-    port: u16,
-    child: Child,
+/// The test's Dovecot (`tinyfat_testkit::Dovecot`) and an IMAP client on it.
+struct Imap {
+    server: Dovecot,
 }
 
-impl Dovecot {
-    fn start() -> Dovecot {
-        let binary = ["/usr/sbin/dovecot", "/usr/bin/dovecot"].into_iter().find(|p| Path::new(p).exists());
-        let binary = binary.expect("dovecot is not installed: apt-get install dovecot-imapd (scripts/test does)");
-        let dir = tempfile::tempdir().unwrap();
-        let root = dir.path();
-        // Mail is stored as `nobody` (Dovecot refuses uid 0 for mail).
-        use std::os::unix::fs::PermissionsExt;
-        std::fs::set_permissions(root, std::fs::Permissions::from_mode(0o755)).unwrap();
-        for sub in ["run", "state", "mail"] {
-            std::fs::create_dir(root.join(sub)).unwrap();
-        }
-        std::os::unix::fs::chown(root.join("mail"), Some(65534), Some(65534)).unwrap();
-        std::fs::write(root.join("passwd"), format!("{USER}:{{PLAIN}}{PASSWORD}\n")).unwrap();
-        let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
-        let r = root.display();
-        let config = format!(
-            "base_dir = {r}/run\nstate_dir = {r}/state\nlog_path = {r}/dovecot.log\n\
-             protocols = imap\nlisten = 127.0.0.1\nssl = no\ndisable_plaintext_auth = no\n\
-             auth_mechanisms = plain login\nauth_failure_delay = 0\n\
-             first_valid_uid = 1\nmail_uid = nobody\nmail_gid = nogroup\n\
-             mail_location = maildir:{r}/mail/%u\n\
-             passdb {{\n  driver = passwd-file\n  args = scheme=PLAIN username_format=%u {r}/passwd\n}}\n\
-             userdb {{\n  driver = static\n  args = uid=nobody gid=nogroup home={r}/mail/%u\n}}\n\
-             service imap-login {{\n  inet_listener imap {{\n    address = 127.0.0.1\n    port = {port}\n  }}\n  \
-             inet_listener imaps {{\n    port = 0\n  }}\n}}\n"
-        );
-        std::fs::write(root.join("dovecot.conf"), config).unwrap();
-        let child = Command::new(binary)
-            .args(["-F", "-c"])
-            .arg(root.join("dovecot.conf"))
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap();
-        let dovecot = Dovecot { dir, port, child };
-        let deadline = Instant::now() + Duration::from_secs(20);
-        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
-            assert!(Instant::now() < deadline, "dovecot did not start: {}", dovecot.log());
-            std::thread::sleep(Duration::from_millis(50));
-        }
-        dovecot
+impl Imap {
+    fn start() -> Imap {
+        Imap { server: Dovecot::start(USER, PASSWORD) }
     }
 
     fn log(&self) -> String {
-        std::fs::read_to_string(self.dir.path().join("dovecot.log")).unwrap_or_default()
+        self.server.log()
     }
 
     async fn session(&self) -> async_imap::Session<tokio::net::TcpStream> {
-        let tcp = tokio::net::TcpStream::connect(("127.0.0.1", self.port)).await.unwrap();
+        let tcp = tokio::net::TcpStream::connect(("127.0.0.1", self.server.port())).await.unwrap();
         let mut client = async_imap::Client::new(tcp);
         client.read_response().await.unwrap().unwrap();
         client.login(USER, PASSWORD).await.map_err(|(e, _)| e).unwrap()
     }
 
-    /// Appends a message to INBOX, as a delivering MTA would.
+    /// Appends a message to INBOX, as a mail client or MTA would.
     async fn append(&self, raw: &str) {
         let mut session = self.session().await;
         session.append("INBOX", None, None, raw.as_bytes()).await.unwrap();
@@ -111,13 +69,6 @@ impl Dovecot {
         let out = fetched.iter().map(|f| (f.uid.unwrap(), f.flags().map(|fl| format!("{fl:?}")).collect())).collect();
         session.logout().await.unwrap();
         out
-    }
-}
-
-impl Drop for Dovecot {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
     }
 }
 
@@ -138,7 +89,7 @@ struct Env {
     state: AppState,
     resend: FakeResend,
     model: FakeModel,
-    dovecot: Dovecot,
+    dovecot: Imap,
     agent: Agent,
     data: PathBuf,
     _stop: watch::Sender<bool>,
@@ -148,7 +99,7 @@ struct Env {
 /// A platform with a worker and the delivery loop running, and an agent
 /// whose config.json points at the test's Dovecot.
 async fn env(require_auth: bool) -> Env {
-    let dovecot = Dovecot::start();
+    let dovecot = Imap::start();
     let dir = tempfile::tempdir().unwrap();
     let resend = FakeResend::start().await;
     let model = FakeModel::start().await;
@@ -183,7 +134,7 @@ async fn env(require_auth: bool) -> Env {
     tokio::spawn(tinyfat_platform::deliver::run(state.clone(), stop_rx));
     let env = Env { platform, state, resend, model, dovecot, agent, data, _stop: stop, _dir: dir };
     env.configure(serde_json::json!({
-        "host": "127.0.0.1", "port": env.dovecot.port, "tls": false,
+        "host": "127.0.0.1", "port": env.dovecot.server.port(), "tls": false,
         "username": USER, "authserv_id": AUTHSERV_ID
     }));
     env.set_password(PASSWORD).await;

@@ -162,7 +162,7 @@ impl Default for PollerSettings {
             rescan: Duration::from_secs(60),
             poll_interval: Duration::from_secs(60),
             idle_refresh: Duration::from_secs(25 * 60),
-            lease_ttl: Duration::from_secs(90),
+            lease_ttl: Duration::from_secs(60),
             backoff_min: Duration::from_secs(2),
             backoff_max: Duration::from_secs(15 * 60),
             login_backoff_min: Duration::from_secs(5 * 60),
