@@ -144,6 +144,7 @@ async fn env(require_auth: bool) -> Env {
 fn fast() -> PollerSettings {
     PollerSettings {
         rescan: Duration::from_millis(200),
+        idle: true,
         poll_interval: Duration::from_millis(300),
         idle_refresh: Duration::from_secs(20),
         lease_ttl: Duration::from_secs(3),
@@ -214,6 +215,17 @@ impl Env {
         let mut jobs = self.platform.store.jobs_for(&self.agent.id, 100).await.unwrap();
         jobs.retain(|j| j.kind == "email");
         jobs
+    }
+
+    /// Waits for `n` replies at Resend, then makes sure no more follow.
+    async fn expect_sends(&self, n: usize) {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while self.resend.send_requests().len() < n {
+            assert!(Instant::now() < deadline, "{} of {n} replies sent", self.resend.send_requests().len());
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        assert_eq!(self.resend.send_requests().len(), n, "too many replies");
     }
 
     async fn wait_jobs_settled(&self) {
@@ -321,7 +333,7 @@ async fn a_restarted_poller_enqueues_nothing_twice() {
 
     assert_eq!(env.email_jobs().await.len(), 2);
     env.wait_jobs_settled().await;
-    assert_eq!(env.resend.send_requests().len(), 2, "each message answered once");
+    env.expect_sends(2).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -380,4 +392,61 @@ async fn authentication_results_are_believed_only_from_the_configured_authserv_i
     }
     assert_eq!(env.resend.send_requests()[0].body["headers"]["In-Reply-To"], "<real@example.com>");
     poller.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_changed_uidvalidity_rereads_recent_mail_without_answering_twice() {
+    let env = env(false).await;
+    env.model.set_fallback(Script::text("ok"));
+    let first = env.poller(fast());
+    env.watching(&first).await;
+    env.dovecot.append(&mail("v1@example.com", "One", "first", "")).await;
+    env.wait_for(&first, "the first message", |s| s.enqueued == 1).await;
+    env.wait_jobs_settled().await;
+    first.stop().await;
+    env.expect_sends(1).await;
+
+    // The server renumbers the mailbox (as after a restore): the saved
+    // UIDVALIDITY no longer matches.
+    let old_validity: u64 = env.email_jobs().await[0].dedup_key.rsplit(':').nth(1).unwrap().parse().unwrap();
+    let validity = old_validity + 1000;
+    env.dovecot.server.set_uid_validity(validity as u32);
+    env.dovecot.append(&mail("v2@example.com", "Two", "second", "")).await;
+
+    // Both messages are read again under the new UIDVALIDITY; the one
+    // already answered is recognised by its Message-ID in the job.
+    let second = env.poller(fast());
+    env.wait_for(&second, "the re-read", |s| s.fetched == 2).await;
+    assert_eq!(second.pollers.status(&env.agent.id).unwrap().enqueued, 2);
+    env.wait_jobs_settled().await;
+    second.stop().await;
+    let mut keys: Vec<String> = env.email_jobs().await.into_iter().map(|j| j.dedup_key).collect();
+    keys.sort();
+    assert_eq!(keys.len(), 3, "{keys:?}");
+    assert!(keys.contains(&format!("imap:{}:{old_validity}:1", env.agent.id)), "{keys:?}");
+    assert!(keys.contains(&format!("imap:{}:{validity}:1", env.agent.id)), "{keys:?}");
+    env.expect_sends(2).await;
+    let sent = env.resend.send_requests();
+    assert_eq!(sent[1].body["headers"]["In-Reply-To"], "<v2@example.com>");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn without_idle_the_poller_polls_and_keeps_its_lease() {
+    let env = env(false).await;
+    // The lease (1.5 s) is shorter than the poll interval (2 s): the
+    // poller renews it while it sleeps, so a second poller stays in standby.
+    let settings =
+        PollerSettings { poll_interval: Duration::from_secs(2), lease_ttl: Duration::from_millis(1500), ..fast() };
+    let a = env.poller(PollerSettings { idle: false, ..settings.clone() });
+    env.watching(&a).await;
+    assert!(!a.pollers.status(&env.agent.id).unwrap().idle);
+    let b = env.poller(settings);
+    env.wait_for(&b, "the standby", |s| s.state == PollState::Standby).await;
+    env.dovecot.append(&mail("p1@example.com", "Poll", "polled", "")).await;
+    env.wait_for(&a, "the polled message", |s| s.enqueued == 1).await;
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert_eq!(b.pollers.status(&env.agent.id).unwrap().state, PollState::Standby);
+    assert_eq!(a.pollers.status(&env.agent.id).unwrap().state, PollState::Watching);
+    a.stop().await;
+    b.stop().await;
 }

@@ -97,6 +97,19 @@ impl Dovecot {
         std::fs::rename(&tmp, maildir.join("new").join(&name)).expect("deliver mail");
     }
 
+    /// Sets INBOX's UIDVALIDITY (`doveadm mailbox update`), as a server
+    /// does when it renumbers a mailbox (e.g. after a restore).
+    pub fn set_uid_validity(&self, value: u32) {
+        let doveadm = ["/usr/bin/doveadm", "/usr/sbin/doveadm"].into_iter().find(|p| Path::new(p).exists());
+        let out = Command::new(doveadm.expect("doveadm is part of dovecot-core"))
+            .arg("-c")
+            .arg(self.dir.path().join("dovecot.conf"))
+            .args(["mailbox", "update", "-u", &self.user, "--uid-validity", &value.to_string(), "INBOX"])
+            .output()
+            .expect("doveadm runs");
+        assert!(out.status.success(), "doveadm: {}", String::from_utf8_lossy(&out.stderr));
+    }
+
     fn maildir(&self) -> PathBuf {
         self.dir.path().join("mail").join(&self.user)
     }

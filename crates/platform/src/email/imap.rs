@@ -141,6 +141,8 @@ fn is_loopback(host: &str) -> bool {
 pub struct PollerSettings {
     /// How often agents and their config.json are looked at again.
     pub rescan: Duration,
+    /// Use IDLE when the server's CAPABILITY lists it; `false` always polls.
+    pub idle: bool,
     /// Between polls when the server has no IDLE.
     pub poll_interval: Duration,
     /// IDLE is re-issued after this long (RFC 2177: under 29 minutes).
@@ -160,6 +162,7 @@ impl Default for PollerSettings {
     fn default() -> Self {
         Self {
             rescan: Duration::from_secs(60),
+            idle: true,
             poll_interval: Duration::from_secs(60),
             idle_refresh: Duration::from_secs(25 * 60),
             lease_ttl: Duration::from_secs(60),
@@ -501,7 +504,7 @@ async fn session(
     drop(password);
     *logged_in = true;
     let capabilities = timed(io, session.capabilities()).await?.map_err(imap_err("CAPABILITY"))?;
-    let idle = capabilities.has_str("IDLE");
+    let idle = settings.idle && capabilities.has_str("IDLE");
     let selected = timed(io, session.select(&config.mailbox))
         .await?
         .map_err(|e| PollError::Imap(format!("selecting mailbox {:?}: {e}", config.mailbox)))?;
@@ -569,9 +572,21 @@ async fn session(
                 return Err(PollError::LeaseLost);
             }
         } else {
-            tokio::select! {
-                _ = tokio::time::sleep(settings.poll_interval) => {}
-                _ = stop.changed() => {}
+            // Sleep until the next poll, renewing the lease on the way.
+            let next_poll = tokio::time::Instant::now() + settings.poll_interval;
+            loop {
+                let wake = (tokio::time::Instant::now() + renew_every).min(next_poll);
+                tokio::select! {
+                    _ = tokio::time::sleep_until(wake) => {}
+                    _ = stop.changed() => break,
+                }
+                if wake >= next_poll {
+                    break;
+                }
+                let held = platform.store.claim_poll(&agent.id, CHANNEL, &ctx.owner, platform.now_ms(), ttl_ms).await;
+                if !matches!(held, Ok(Some(_))) {
+                    return Err(PollError::LeaseLost);
+                }
             }
         }
     }
