@@ -72,6 +72,37 @@ impl Imap {
     }
 }
 
+/// What the platform logs, captured by one global subscriber for this
+/// test binary (tests run in parallel: assert only on lines a single test
+/// can cause).
+fn captured_logs() -> Arc<std::sync::Mutex<Vec<u8>>> {
+    static LOGS: std::sync::OnceLock<Arc<std::sync::Mutex<Vec<u8>>>> = std::sync::OnceLock::new();
+    LOGS.get_or_init(|| {
+        let buffer = Arc::new(std::sync::Mutex::new(Vec::new()));
+        let writer = buffer.clone();
+        let _ = tracing_subscriber::fmt()
+            .with_env_filter("info")
+            .with_ansi(false)
+            .with_writer(move || Capture(writer.clone()))
+            .try_init();
+        buffer
+    })
+    .clone()
+}
+
+struct Capture(Arc<std::sync::Mutex<Vec<u8>>>);
+
+impl std::io::Write for Capture {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0.lock().unwrap().extend_from_slice(buf);
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
 fn mail(message_id: &str, subject: &str, body: &str, extra_headers: &str) -> String {
     format!(
         "{extra_headers}From: Alice <{OWNER}>\r\nTo: {USER}@mail.test\r\nSubject: {subject}\r\n\
@@ -351,10 +382,22 @@ async fn two_processes_poll_a_mailbox_one_at_a_time() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_wrong_password_is_reported_clearly_and_recovers_when_fixed() {
+    let logs = captured_logs();
     let env = env(false).await;
     env.set_password("not the password").await;
     let poller = env.poller(fast());
     env.wait_for(&poller, "the refused login", |s| s.state == PollState::LoginRefused).await;
+    // Several attempts, one log line that says what to do.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while env.dovecot.log().matches("auth failed").count() < 3 {
+        assert!(Instant::now() < deadline, "the poller stopped retrying: {}", env.dovecot.log());
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let text = String::from_utf8_lossy(&logs.lock().unwrap()).into_owned();
+    let refused: Vec<&str> = text.lines().filter(|l| l.contains("refused the login")).collect();
+    assert_eq!(refused.len(), 1, "{refused:?}");
+    assert!(refused[0].contains("tinyfat secret set swiftpebble imap_password"), "{}", refused[0]);
+    assert!(!text.contains("not the password"), "the password was logged");
     let status = poller.pollers.status(&env.agent.id).unwrap();
     let error = status.last_error.unwrap();
     assert!(error.contains("AUTHENTICATIONFAILED") || error.contains("Authentication failed"), "{error}");

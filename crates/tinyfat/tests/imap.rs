@@ -34,7 +34,17 @@ fn cli(data: &Path, args: &[&str], stdin: Option<&str>) -> Value {
     serde_json::from_slice(&out.stdout).unwrap_or(Value::Null)
 }
 
-fn serve(data: &Path, model: &FakeModel, resend: &FakeResend, log: &Path) -> Child {
+/// The server process, killed on drop (also when an assertion fails).
+struct Server(Child);
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn serve(data: &Path, model: &FakeModel, resend: &FakeResend, log: &Path) -> Server {
     let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
     let log = std::fs::OpenOptions::new().create(true).append(true).open(log).unwrap();
     Command::new(BIN)
@@ -50,6 +60,7 @@ fn serve(data: &Path, model: &FakeModel, resend: &FakeResend, log: &Path) -> Chi
         .stdout(Stdio::null())
         .stderr(log)
         .spawn()
+        .map(Server)
         .unwrap()
 }
 
@@ -101,15 +112,14 @@ async fn serve_answers_mail_from_an_imap_mailbox_once_across_a_restart() {
 
     // A restart (SIGTERM: the mailbox lease is released; after a crash the
     // next process waits for it to expire): the cursor holds.
-    let status = Command::new("kill").args(["-TERM", &server.id().to_string()]).status().unwrap();
+    let status = Command::new("kill").args(["-TERM", &server.0.id().to_string()]).status().unwrap();
     assert!(status.success());
-    server.wait().unwrap();
-    let mut server = serve(&data, &model, &resend, &log);
+    server.0.wait().unwrap();
+    let server = serve(&data, &model, &resend, &log);
     wait_until("the restarted poller", &log, || count(&log, "imap: ready") == 2).await;
     tokio::time::sleep(Duration::from_secs(2)).await;
     assert_eq!(resend.send_requests().len(), 1, "answered once");
-    server.kill().unwrap();
-    server.wait().unwrap();
+    drop(server);
 
     let text = std::fs::read_to_string(&log).unwrap();
     assert!(!text.contains(PASSWORD), "the IMAP password reached the log");
