@@ -494,3 +494,25 @@ async fn without_idle_the_poller_polls_and_keeps_its_lease() {
     a.stop().await;
     b.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_missing_mailbox_or_a_refused_config_is_not_polled_silently() {
+    let env = env(false).await;
+    let port = env.dovecot.server.port();
+    env.configure(
+        serde_json::json!({"host": "127.0.0.1", "port": port, "tls": false, "username": USER, "mailbox": "Nope"}),
+    );
+    let poller = env.poller(fast());
+    env.wait_for(&poller, "the SELECT error", |s| {
+        s.state == PollState::Retrying && s.last_error.as_deref().is_some_and(|e| e.contains("\"Nope\""))
+    })
+    .await;
+    poller.stop().await;
+
+    // Plain IMAP to a non-loopback host is refused before any connection.
+    env.configure(serde_json::json!({"host": "imap.example.net", "tls": false, "username": USER}));
+    let poller = env.poller(fast());
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    assert_eq!(poller.pollers.status(&env.agent.id), None);
+    poller.stop().await;
+}

@@ -408,9 +408,12 @@ async fn run_mailbox(ctx: Arc<Ctx>, agent: Agent, config: MailboxConfig, mut sto
         let wait = match platform.store.claim_poll(&agent.id, CHANNEL, &ctx.owner, platform.now_ms(), ttl_ms).await {
             Ok(Some(saved)) => {
                 standby_logged = false;
-                let mut logged_in = false;
-                let result = session(&ctx, &agent, &config, &saved, &mut stop, &mut logged_in, &mut logged).await;
-                if logged_in {
+                let mut watched = false;
+                let result = session(&ctx, &agent, &config, &saved, &mut stop, &mut watched, &mut logged).await;
+                // Back to quick retries only after a session that worked
+                // (logged in, selected, synced): a mailbox that cannot be
+                // selected keeps backing off.
+                if watched {
                     backoff = settings.backoff_min;
                 }
                 match result {
@@ -476,7 +479,7 @@ async fn session(
     config: &MailboxConfig,
     saved: &str,
     stop: &mut watch::Receiver<bool>,
-    logged_in: &mut bool,
+    watched: &mut bool,
     logged: &mut Option<String>,
 ) -> Result<(), PollError> {
     let platform = &ctx.state.platform;
@@ -502,7 +505,6 @@ async fn session(
         Err((e, _)) => return Err(PollError::Imap(format!("login: {e}"))),
     };
     drop(password);
-    *logged_in = true;
     let capabilities = timed(io, session.capabilities()).await?.map_err(imap_err("CAPABILITY"))?;
     let idle = settings.idle && capabilities.has_str("IDLE");
     let selected = timed(io, session.select(&config.mailbox))
@@ -524,6 +526,7 @@ async fn session(
         s.last_error = None;
         s.idle = idle;
     });
+    *watched = true;
 
     let ttl_ms = settings.lease_ttl.as_millis() as i64;
     let renew_every = settings.lease_ttl / 3;
