@@ -2,7 +2,7 @@
 //! acknowledged write survives power loss), foreign keys on, and the
 //! embedded migrations of `migrations/sqlite`. All SQLite-specific SQL lives
 //! in this module and its children: `group_commit` (the enqueue writer),
-//! `queue` (claims, leases, dead letters), `delivery` (deliveries, usage)
+//! `queue` (claims, leases, dead letters), `delivery` (deliveries, usage),
 //! `timers` (the scheduler's timers) and `polls` (channel pollers' leases
 //! and cursors).
 //!
