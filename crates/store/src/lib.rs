@@ -12,6 +12,7 @@
 //! by the caller; the store reads no clock and draws no randomness.
 
 pub mod delivery;
+pub mod polls;
 pub mod queue;
 mod sqlite;
 pub mod timers;
@@ -22,6 +23,7 @@ use async_trait::async_trait;
 use tinyfat_core::{AgentId, AgentName, EmailAddress, SealedSecret, SenderPattern};
 
 pub use delivery::{Deliveries, Delivery, DeliveryState, InsertedDelivery, NewDelivery, UsageLedger};
+pub use polls::Polls;
 pub use queue::{
     AgentQueueStatus, Claim, Enqueued, Failure, Job, JobOutcome, JobQueue, JobState, Lease, NewJob, Outcome,
     QueueCounts, QueuePolicy, Settled, backoff_ms,
@@ -178,9 +180,9 @@ pub trait MetadataStore: Send + Sync + std::fmt::Debug {
 
 /// Everything the store offers, as one object: `Arc<dyn Store>` upcasts to
 /// `Arc<dyn MetadataStore>`, `Arc<dyn JobQueue>` and the others.
-pub trait Store: MetadataStore + JobQueue + Deliveries + UsageLedger + Timers {}
+pub trait Store: MetadataStore + JobQueue + Deliveries + UsageLedger + Timers + Polls {}
 
-impl<T: MetadataStore + JobQueue + Deliveries + UsageLedger + Timers + ?Sized> Store for T {}
+impl<T: MetadataStore + JobQueue + Deliveries + UsageLedger + Timers + Polls + ?Sized> Store for T {}
 
 /// Opens the store a `database_url` names, with the default `QueuePolicy`.
 pub async fn connect(database_url: &str) -> Result<Arc<dyn Store>> {

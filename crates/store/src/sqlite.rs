@@ -2,8 +2,9 @@
 //! acknowledged write survives power loss), foreign keys on, and the
 //! embedded migrations of `migrations/sqlite`. All SQLite-specific SQL lives
 //! in this module and its children: `group_commit` (the enqueue writer),
-//! `queue` (claims, leases, dead letters), `delivery` (deliveries, usage)
-//! and `timers` (the scheduler's timers).
+//! `queue` (claims, leases, dead letters), `delivery` (deliveries, usage),
+//! `timers` (the scheduler's timers) and `polls` (channel pollers' leases
+//! and cursors).
 //!
 //! Every transaction that reads and then writes starts with `BEGIN
 //! IMMEDIATE`: it takes SQLite's write lock up front, so several processes on
@@ -12,6 +13,7 @@
 
 mod delivery;
 mod group_commit;
+mod polls;
 mod queue;
 mod timers;
 

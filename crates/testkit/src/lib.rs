@@ -3,18 +3,21 @@
 //! and the OpenAI Chat Completions API in their documented streaming wire
 //! formats, answers from a per-test script, and records every request; and
 //! a fake Resend ([`FakeResend`]: send and received-email APIs, with
-//! `Idempotency-Key` dedup and scriptable 429s).
+//! `Idempotency-Key` dedup and scriptable 429s). Also one real server that
+//! runs here: [`Dovecot`], an IMAP server started per test.
 //!
 //! Architecture invariants: the fakes speak the providers' wire formats and
 //! nothing of tinyfat's (tests drive the real clients against them); they
 //! bind loopback only; and they hold no global state, so tests run in
 //! parallel, each with its own server.
 
+pub mod dovecot;
 pub mod resend;
 pub mod script;
 pub mod server;
 mod wire;
 
+pub use dovecot::Dovecot;
 pub use resend::{FakeResend, ResendRequest};
 pub use script::{HttpError, Reply, Script, ScriptStop, ToolCall};
 pub use server::{Api, FakeModel, RecordedRequest};

@@ -161,7 +161,10 @@ pub enum KeyCommand {
 
 fn init_logging(default_level: &str) {
     let filter = tracing_subscriber::EnvFilter::try_from_env("TINYFAT_LOG")
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default_level));
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default_level))
+        // async-imap traces every command it sends, LOGIN and its password
+        // included: never show that crate's log, whatever TINYFAT_LOG says.
+        .add_directive("async_imap=off".parse().expect("a static directive"));
     let _ = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)

@@ -54,6 +54,8 @@
 mod replies;
 mod smtp_send;
 
+pub mod imap;
+
 use std::sync::OnceLock;
 use std::time::Duration;
 
@@ -553,8 +555,15 @@ async fn fetch_and_check(
     }
     // Authentication (DMARC-aligned DKIM or SPF) on the raw message.
     let require_auth = settings.email.require_auth;
-    let admitted = match (&raw, authenticator()) {
-        (Some(raw), Some(auth)) => {
+    // IMAP: the mailbox provider's verdict, when it is from the configured
+    // authserv-id; otherwise our own checks.
+    let trusted = match &raw {
+        Some(raw) => imap::trusted_verdict(state, agent, &meta.provider, raw).await,
+        None => None,
+    };
+    let verdict = match (&raw, trusted, authenticator()) {
+        (_, Some(verdict), _) => Some(verdict),
+        (Some(raw), None, Some(auth)) => {
             let receiver_host = settings.email.domain.as_str();
             let envelope = meta.envelope.as_ref().map(|e| SmtpEnvelope {
                 client_ip: e.client_ip,
@@ -562,13 +571,18 @@ async fn fetch_and_check(
                 mail_from: &e.mail_from,
                 receiver_host,
             });
-            let verdict = auth.verify(raw, envelope.as_ref()).await;
+            Some(auth.verify(raw, envelope.as_ref()).await)
+        }
+        _ => None,
+    };
+    let admitted = match verdict {
+        Some(verdict) => {
             if !verdict.admits(require_auth) {
                 tracing::warn!(agent = %agent.name, sender = %email.from, verdict = %verdict, "email failed sender authentication; dropped");
             }
             verdict.admits(require_auth)
         }
-        _ => {
+        None => {
             if require_auth {
                 tracing::warn!(agent = %agent.name, sender = %email.from, "email sender cannot be authenticated (no raw message); dropped (email.require_auth = false admits it)");
             }
@@ -1118,7 +1132,11 @@ pub fn outbound_status(settings: &crate::config::EmailSettings) -> String {
 /// Runs the SMTP listener (bound by the caller with `smtp_listener::bind`)
 /// and the IMAP pollers that the settings enable, until `shutdown`.
 pub async fn start(state: AppState, smtp: Option<smtp_listener::SmtpListener>, shutdown: watch::Receiver<bool>) {
-    if let Some(smtp) = smtp {
-        smtp.run(state, shutdown).await;
+    let imap = imap::start(state.clone(), shutdown.clone());
+    match smtp {
+        Some(smtp) => {
+            tokio::join!(smtp.run(state, shutdown), imap);
+        }
+        None => imap.await,
     }
 }
