@@ -9,14 +9,17 @@
 //!   is retried.
 //! - `send`: deliver one `email` row of the delivery table.
 //! - `start`: the SMTP listener and IMAP pollers, when configured.
+//! - `provision`: mail to `start@{email.domain}` (SPEC §9), as `start` jobs
+//!   of the platform agent; `provision::enqueue_start` for whole messages.
 //!
 //! Inbound flow (Resend): the webhook is verified (Svix) over the raw body
 //! before anything is parsed; a bad or missing signature answers 401 and
 //! enqueues nothing. An `email.received` notice is resolved to the agents it
 //! was addressed to and enqueued as an `email` job (dedup `resend:{svix-id}`;
-//! further agents of the same notice `resend:{svix-id}:{agent_id}`), and the
-//! webhook is acknowledged only after that commit. A notice for no known
-//! agent is acknowledged (200) and dropped with a log line: the agent is
+//! further agents of the same notice `resend:{svix-id}:{agent_id}`; start@
+//! as a `start` job, `resend:{svix-id}:start`), and the webhook is
+//! acknowledged only after that commit. A notice for no known agent (and
+//! not for start@) is acknowledged (200) and dropped with a log line: the agent is
 //! named by the address, not by a URL id, and a 4xx would only make Resend
 //! retry for a day. Other event types are acknowledged and ignored.
 //!
@@ -24,7 +27,8 @@
 //! fetches the message from Resend (`GET /emails/receiving/{id}`, and the
 //! raw MIME when Resend offers it), checks the sender (allowed senders,
 //! DMARC via `tinyfat_channels::email::auth` on the raw message, else refused
-//! unless `email.require_auth = false`; loops dropped), saves attachments
+//! unless `email.require_auth = false`; loops dropped — `load_message`,
+//! `loop_reason` and `authenticated` are shared with `start` jobs), saves attachments
 //! under `attachments/{date}/{job}-{filename}`, then enqueues a `message`
 //! job in the mail's thread session with the dedup key
 //! `email:{agent_id}:{Message-ID}` and completes. Forwarding (rather than
@@ -360,7 +364,13 @@ async fn resend_webhook(State(state): State<AppState>, headers: HeaderMap, body:
         .collect();
     if let Some(start) = start {
         let dedup_key = format!("{}:start", verified.dedup_key());
-        targets.push((provision::platform_agent_id(), provision::START_LOCAL_PART, provision::JOB_KIND_START, dedup_key, start));
+        targets.push((
+            provision::platform_agent_id(),
+            provision::START_LOCAL_PART,
+            provision::JOB_KIND_START,
+            dedup_key,
+            start,
+        ));
     }
     for (agent_id, name, kind, dedup_key, recipient) in targets {
         let payload = EmailJob {

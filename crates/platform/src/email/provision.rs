@@ -82,6 +82,21 @@ pub fn is_start_address(domain: &str, address: &EmailAddress) -> bool {
     address.local_part().eq_ignore_ascii_case(START_LOCAL_PART) && address.domain().eq_ignore_ascii_case(domain)
 }
 
+/// The startup line: whether start@ provisions, for whom, how often.
+pub fn log_startup(settings: &crate::config::Settings) {
+    let provisioning = &settings.provisioning;
+    if provisioning.allow.is_empty() {
+        tracing::info!("provisioning by email: off (set provisioning.allow to addresses or @domains to turn it on)");
+    } else {
+        tracing::info!(
+            "provisioning by email: start@{} creates agents for {} (provisioning.per_hour_max {} per hour)",
+            settings.email.domain,
+            provisioning.allow.join(", "),
+            provisioning.per_hour_max
+        );
+    }
+}
+
 /// Enqueues a mail to start@ that a channel received whole (SMTP listener,
 /// IMAP poller). The checks run in the job. Returns whether it was new
 /// (false: the dedup key was seen). Acknowledge the message only after `Ok`.
@@ -95,17 +110,9 @@ pub async fn enqueue_start(
     let recipient = start_address(domain)
         .ok_or_else(|| anyhow::anyhow!("email.domain {domain:?} gives no valid start@ address"))?;
     let provider = if envelope.is_some() { "smtp" } else { "raw" };
-    let enqueued = super::enqueue_raw(
-        state,
-        &platform_agent_id(),
-        JOB_KIND_START,
-        &recipient,
-        provider,
-        raw,
-        envelope,
-        dedup_key,
-    )
-    .await?;
+    let enqueued =
+        super::enqueue_raw(state, &platform_agent_id(), JOB_KIND_START, &recipient, provider, raw, envelope, dedup_key)
+            .await?;
     tracing::info!(job = %enqueued.job_id, duplicate = enqueued.duplicate, "start email enqueued");
     Ok(!enqueued.duplicate)
 }
@@ -131,10 +138,7 @@ pub async fn process(state: &AppState, claim: Claim) {
                 }
             }
         } else {
-            Outcome::Failed {
-                failure: Failure::Permanent,
-                error: format!("the platform runs no {} jobs", job.kind),
-            }
+            Outcome::Failed { failure: Failure::Permanent, error: format!("the platform runs no {} jobs", job.kind) }
         };
         outcomes.push(JobOutcome { job_id: job.id.clone(), outcome });
     }
@@ -145,7 +149,8 @@ pub async fn process(state: &AppState, claim: Claim) {
     state.deliveries_wake.notify_one();
 }
 
-type StartResult = Result<(), (Failure, String)>;
+/// `Err`: how the queue should treat the failure, and why.
+pub type StartResult = Result<(), (Failure, String)>;
 
 fn prepare_failure(e: PrepareError) -> (Failure, String) {
     match e {
@@ -158,8 +163,10 @@ fn internal(e: impl std::fmt::Display) -> (Failure, String) {
     (Failure::Internal, e.to_string())
 }
 
-/// One start request (see the module header for the order and why).
-async fn run_start(state: &AppState, job: &Job) -> StartResult {
+/// One start request (see the module header for the order and why). The
+/// worker runs it under the platform agent's lease; running it again for the
+/// same job (a retry after a crash) repeats nothing.
+pub async fn run_start(state: &AppState, job: &Job) -> StartResult {
     let platform = &state.platform;
     let store = &platform.store;
     let settings = &platform.settings;
@@ -222,7 +229,8 @@ async fn run_start(state: &AppState, job: &Job) -> StartResult {
         return record_platform_reply(state, job, &requester, &thread, "existing", existing_text(&owned)).await;
     }
 
-    let hello = |name: &AgentName, address: &EmailAddress| vec![(HELLO_PATH.to_owned(), hello_file(name, address, &requester))];
+    let hello =
+        |name: &AgentName, address: &EmailAddress| vec![(HELLO_PATH.to_owned(), hello_file(name, address, &requester))];
     let request = CreateAgent { owner: requester.clone(), name: None, model: None };
     let agent = platform.create_agent_seeded(request, id, &hello).await.map_err(internal)?;
     tracing::info!(agent = %agent.name, email = %agent.email, owner = %requester, "agent provisioned by email");
