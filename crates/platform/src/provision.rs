@@ -6,6 +6,11 @@
 //! row, so a crash leaves at worst an unreferenced folder with a random id,
 //! never a row without storage. Delete: rows first, then storage, so a crash
 //! leaves at worst an orphaned folder that no request can reach.
+//!
+//! A caller that must be idempotent (provisioning by email, `email::provision`)
+//! passes its own agent id, derived from its job: a retry after a crash
+//! between storage and row finds the folder with no row, which by the order
+//! above is an orphan of its own earlier attempt, and replaces it.
 
 use serde::Serialize;
 use tinyfat_core::{AgentConfig, AgentId, AgentName, EmailAddress, SenderPattern};
@@ -92,29 +97,58 @@ pub fn seed_memory(name: &AgentName, owner: &EmailAddress) -> String {
     )
 }
 
-/// Writes the SPEC §5 layout into a freshly created prefix.
+/// Files a caller adds to a new agent's prefix, given its name and address:
+/// `(path, bytes)`, written with the layout, before the agent row exists.
+pub type SeedFiles<'a> = &'a (dyn Fn(&AgentName, &EmailAddress) -> Vec<(String, Vec<u8>)> + Send + Sync);
+
+/// Writes the SPEC §5 layout into a fresh prefix. A folder left under this
+/// id by an earlier attempt that crashed before its row (the caller checked
+/// there is none) is replaced.
 async fn seed_storage(
     storage: &dyn AgentStorage,
     agent: &AgentId,
     name: &AgentName,
+    email: &EmailAddress,
     owner: &EmailAddress,
     model: &str,
+    extra: SeedFiles<'_>,
 ) -> Result<()> {
-    let workspace = storage.create(agent).await?;
+    let workspace = match storage.create(agent).await {
+        Err(tinyfat_storage::StorageError::AlreadyExists(_)) => {
+            tracing::info!(agent = %agent, "replacing the storage an interrupted provisioning left");
+            storage.delete(agent).await?;
+            storage.create(agent).await?
+        }
+        other => other?,
+    };
     for dir in LAYOUT_DIRS {
         workspace.dir.create_dir_all(&validate_path(dir).map_err(Error::invalid)?)?;
     }
-    let write = |path: &str, text: String| -> Result<()> {
-        Ok(workspace.dir.write_atomic(&validate_path(path).map_err(Error::invalid)?, text.as_bytes())?)
+    let write = |path: &str, bytes: &[u8]| -> Result<()> {
+        Ok(workspace.dir.write_atomic(&validate_path(path).map_err(Error::invalid)?, bytes)?)
     };
-    write("MEMORY.md", seed_memory(name, owner))?;
-    write("config.json", AgentConfig::new(model).to_pretty_json())?;
+    write("MEMORY.md", seed_memory(name, owner).as_bytes())?;
+    write("config.json", AgentConfig::new(model).to_pretty_json().as_bytes())?;
+    for (path, bytes) in extra(name, email) {
+        write(&path, &bytes)?;
+    }
     storage.commit(&workspace).await?;
     Ok(())
 }
 
 impl Platform {
     pub async fn create_agent(&self, req: CreateAgent) -> Result<Agent> {
+        self.create_agent_seeded(req, AgentId::from_ulid(ulid::Ulid::new()), &|_, _| Vec::new()).await
+    }
+
+    /// `create_agent` under an id the caller chose, with `extra` files in the
+    /// seeded prefix. The id must not belong to an agent row (checked); a
+    /// folder under it without a row is replaced (see the module header), so
+    /// the caller must be the only one creating under that id.
+    pub async fn create_agent_seeded(&self, req: CreateAgent, id: AgentId, extra: SeedFiles<'_>) -> Result<Agent> {
+        if self.store.agent_by_id(&id).await?.is_some() {
+            return Err(Error::Invalid(format!("agent id {id} is taken")));
+        }
         let model = req.model.unwrap_or_else(|| self.settings.model.default.clone());
         if model.trim().is_empty() {
             return Err(Error::Invalid("--model must not be empty".into()));
@@ -122,7 +156,6 @@ impl Platform {
         let now = self.now_ms();
         let user_id = format!("us_{}", tinyfat_core::ids::new_ulid_string(ulid::Ulid::new()));
         let owner = self.store.upsert_user(&user_id, &req.owner, now).await?;
-        let id = AgentId::from_ulid(ulid::Ulid::new());
         let chosen = match &req.name {
             Some(name) => {
                 let name = AgentName::parse(name).map_err(Error::invalid)?;
@@ -147,7 +180,7 @@ impl Platform {
             };
             let email =
                 EmailAddress::parse(&format!("{name}@{}", self.settings.email.domain)).map_err(Error::invalid)?;
-            seed_storage(self.storage.as_ref(), &id, &name, &req.owner, &model).await?;
+            seed_storage(self.storage.as_ref(), &id, &name, &email, &req.owner, &model, extra).await?;
             let new = NewAgent {
                 id: id.clone(),
                 name: name.clone(),

@@ -150,6 +150,7 @@ pub async fn serve(platform: Arc<Platform>, listen: &str, role: Role) -> anyhow:
         _ => tracing::info!("email: Resend off (set RESEND_API_KEY and RESEND_WEBHOOK_SECRET to receive mail)"),
     }
     tracing::info!("{}", crate::email::outbound_status(&settings.email));
+    crate::email::provision::log_startup(settings);
 
     let mut background = tokio::task::JoinSet::new();
     if role.runs_worker() {

@@ -19,6 +19,9 @@ pub struct AppState {
     pub rejections: Arc<crate::inbound::RejectionLog>,
     /// Wakes this process's scheduler loop when timers change.
     pub scheduler_wake: Arc<tokio::sync::Notify>,
+    /// Email sender authentication (SPEC §8). `None`: DKIM/SPF/DMARC with
+    /// the system's DNS resolver; tests put an offline zone here.
+    pub sender_auth: Option<Arc<dyn tinyfat_channels::email::auth::SenderAuthenticator>>,
 }
 
 impl AppState {
@@ -31,6 +34,7 @@ impl AppState {
             deliveries_wake: Arc::new(tokio::sync::Notify::new()),
             rejections: Arc::new(crate::inbound::RejectionLog::default()),
             scheduler_wake: Arc::new(tokio::sync::Notify::new()),
+            sender_auth: None,
         }
     }
 }

@@ -129,6 +129,10 @@ pub async fn process(state: &AppState, claim: Claim, shutting_down: &AtomicBool)
     let platform = &state.platform;
     let store = &platform.store;
     let lease = claim.lease.clone();
+    if lease.agent_id == crate::email::provision::platform_agent_id() {
+        // Platform-level jobs (provisioning by email) run no turn.
+        return crate::email::provision::process(state, claim).await;
+    }
     let Ok(Some(agent)) = store.agent_by_id(&lease.agent_id).await else {
         // The agent was deleted after the job was enqueued.
         let _ = store.complete(&lease, &claim.job_ids(), platform.now_ms()).await;
@@ -143,6 +147,12 @@ pub async fn process(state: &AppState, claim: Claim, shutting_down: &AtomicBool)
         crate::email::process_outbox(state, &agent, &lease).await;
     }
     for job in &claim.jobs {
+        if job.kind == crate::email::provision::JOB_KIND_OUTBOX {
+            // Outbox files written outside a turn (the hello of a new agent).
+            crate::email::process_outbox(state, &agent, &lease).await;
+            outcomes.push(JobOutcome { job_id: job.id.clone(), outcome: Outcome::Done });
+            continue;
+        }
         if job.kind == crate::scheduler::JOB_KIND_EVENT {
             match crate::scheduler::prepare_event_job(state, &agent, job).await {
                 Ok(Some(message)) => batch.push((job.id.clone(), message)),

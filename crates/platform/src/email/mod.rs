@@ -10,14 +10,17 @@
 //! - `send`: deliver one `email` row of the delivery table.
 //! - `start`: the SMTP listener (`smtp_listener`, bound by `serve` first so
 //!   a bad address or certificate stops startup) and IMAP pollers.
+//! - `provision`: mail to `start@{email.domain}` (SPEC §9), as `start` jobs
+//!   of the platform agent; `provision::enqueue_start` for whole messages.
 //!
 //! Inbound flow (Resend): the webhook is verified (Svix) over the raw body
 //! before anything is parsed; a bad or missing signature answers 401 and
 //! enqueues nothing. An `email.received` notice is resolved to the agents it
 //! was addressed to and enqueued as an `email` job (dedup `resend:{svix-id}`;
-//! further agents of the same notice `resend:{svix-id}:{agent_id}`), and the
-//! webhook is acknowledged only after that commit. A notice for no known
-//! agent is acknowledged (200) and dropped with a log line: the agent is
+//! further agents of the same notice `resend:{svix-id}:{agent_id}`; start@
+//! as a `start` job, `resend:{svix-id}:start`), and the webhook is
+//! acknowledged only after that commit. A notice for no known agent (and
+//! not for start@) is acknowledged (200) and dropped with a log line: the agent is
 //! named by the address, not by a URL id, and a 4xx would only make Resend
 //! retry for a day. Other event types are acknowledged and ignored.
 //!
@@ -25,7 +28,8 @@
 //! fetches the message from Resend (`GET /emails/receiving/{id}`, and the
 //! raw MIME when Resend offers it), checks the sender (allowed senders,
 //! DMARC via `tinyfat_channels::email::auth` on the raw message, else refused
-//! unless `email.require_auth = false`; loops dropped), saves attachments
+//! unless `email.require_auth = false`; loops dropped — `load_message`,
+//! `loop_reason` and `authenticated` are shared with `start` jobs), saves attachments
 //! under `attachments/{date}/{job}-{filename}`, then enqueues a `message`
 //! job in the mail's thread session with the dedup key
 //! `email:{agent_id}:{Message-ID}` and completes. Forwarding (rather than
@@ -56,6 +60,8 @@ mod smtp_send;
 
 pub mod imap;
 
+pub mod provision;
+
 use std::sync::OnceLock;
 use std::time::Duration;
 
@@ -67,8 +73,8 @@ use axum::routing::post;
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 use serde_json::json;
-use tinyfat_channels::email::auth::{Authenticator, SmtpEnvelope};
-use tinyfat_channels::email::inbound::{self, InboundEmail, InboundLimits};
+use tinyfat_channels::email::auth::{AuthVerdict, Authenticator, SenderAuthenticator, SmtpEnvelope};
+use tinyfat_channels::email::inbound::{self, InboundEmail, InboundLimits, LoopReason};
 use tinyfat_channels::email::outbound::{self, Draft, Mailbox, OutboundAttachment, Parent, Quote};
 use tinyfat_channels::email::resend::{self, Disposition, ResendEvent};
 use tinyfat_channels::email::{outbox_file, svix};
@@ -178,6 +184,24 @@ pub async fn enqueue_raw_email(
     envelope: Option<JobEnvelope>,
     dedup_key: String,
 ) -> anyhow::Result<bool> {
+    let enqueued = enqueue_raw(state, &agent.id, JOB_KIND_EMAIL, recipient, provider, raw, envelope, dedup_key).await?;
+    tracing::info!(agent = %agent.name, provider, job = %enqueued.job_id, duplicate = enqueued.duplicate, "inbound email enqueued");
+    Ok(!enqueued.duplicate)
+}
+
+/// Enqueues a whole message as a job of `kind` (`email`, or `start` for the
+/// platform) carrying it base64 in an `EmailJob`.
+#[allow(clippy::too_many_arguments)]
+pub(crate) async fn enqueue_raw(
+    state: &AppState,
+    agent_id: &tinyfat_core::AgentId,
+    kind: &str,
+    recipient: &EmailAddress,
+    provider: &str,
+    raw: &[u8],
+    envelope: Option<JobEnvelope>,
+    dedup_key: String,
+) -> anyhow::Result<tinyfat_store::Enqueued> {
     use base64::Engine as _;
     let limits = InboundLimits::default();
     // Only for the session id and the log: the job parses it again.
@@ -199,17 +223,16 @@ pub async fn enqueue_raw_email(
     let job = NewJob {
         id: tinyfat_core::ids::new_ulid_string(ulid::Ulid::new()),
         dedup_key,
-        agent_id: agent.id.clone(),
+        agent_id: agent_id.clone(),
         session: inbound::session_id_for_root(&session_root),
-        kind: JOB_KIND_EMAIL.into(),
+        kind: kind.into(),
         payload: serde_json::to_string(&payload).expect("serialisable"),
     };
     let enqueued = state.platform.store.enqueue(job, state.platform.now_ms()).await?;
     if !enqueued.duplicate {
         state.wake.notify_one();
     }
-    tracing::info!(agent = %agent.name, provider, job = %enqueued.job_id, duplicate = enqueued.duplicate, "inbound email enqueued");
-    Ok(!enqueued.duplicate)
+    Ok(enqueued)
 }
 
 /// What a forwarded message job carries besides the `MessageJob` fields:
@@ -336,15 +359,36 @@ async fn resend_webhook(State(state): State<AppState>, headers: HeaderMap, body:
             }
         }
     }
-    if agents.is_empty() {
+    // A notice to start@ is a provisioning request (SPEC §9), a job of the
+    // platform agent (see `provision`).
+    let start = notice.recipients.iter().find(|r| provision::is_start_address(&settings.email.domain, r));
+    if agents.is_empty() && start.is_none() {
         let to: Vec<String> = notice.recipients.iter().map(ToString::to_string).collect();
         tracing::warn!(to = %to.join(", "), email_id = %notice.email_id, "inbound email for no known agent dropped");
         return text(StatusCode::OK, "no such agent; dropped");
     }
     let session_root = notice.message_id.clone().unwrap_or_else(|| format!("resend-{}", notice.email_id));
     let session = inbound::session_id_for_root(&session_root);
-    for (i, (agent, recipient)) in agents.iter().enumerate() {
-        let dedup_key = if i == 0 { verified.dedup_key() } else { format!("{}:{}", verified.dedup_key(), agent.id) };
+    let mut targets: Vec<(tinyfat_core::AgentId, &str, &str, String, &EmailAddress)> = agents
+        .iter()
+        .enumerate()
+        .map(|(i, (agent, recipient))| {
+            let dedup_key =
+                if i == 0 { verified.dedup_key() } else { format!("{}:{}", verified.dedup_key(), agent.id) };
+            (agent.id.clone(), agent.name.as_str(), JOB_KIND_EMAIL, dedup_key, recipient)
+        })
+        .collect();
+    if let Some(start) = start {
+        let dedup_key = format!("{}:start", verified.dedup_key());
+        targets.push((
+            provision::platform_agent_id(),
+            provision::START_LOCAL_PART,
+            provision::JOB_KIND_START,
+            dedup_key,
+            start,
+        ));
+    }
+    for (agent_id, name, kind, dedup_key, recipient) in targets {
         let payload = EmailJob {
             provider: "resend".into(),
             svix_id: verified.id.clone(),
@@ -360,9 +404,9 @@ async fn resend_webhook(State(state): State<AppState>, headers: HeaderMap, body:
         let job = NewJob {
             id: tinyfat_core::ids::new_ulid_string(ulid::Ulid::new()),
             dedup_key,
-            agent_id: agent.id.clone(),
+            agent_id,
             session: session.clone(),
-            kind: JOB_KIND_EMAIL.into(),
+            kind: kind.into(),
             payload: serde_json::to_string(&payload).expect("serialisable"),
         };
         match store.enqueue(job, state.platform.now_ms()).await {
@@ -370,7 +414,7 @@ async fn resend_webhook(State(state): State<AppState>, headers: HeaderMap, body:
                 if !enqueued.duplicate {
                     state.wake.notify_one();
                 }
-                tracing::info!(agent = %agent.name, job = %enqueued.job_id, duplicate = enqueued.duplicate, "inbound email enqueued");
+                tracing::info!(agent = %name, kind, job = %enqueued.job_id, duplicate = enqueued.duplicate, "inbound email enqueued");
             }
             Err(e) => {
                 tracing::error!(error = %e, "enqueueing an inbound email failed; asking Resend to retry");
@@ -395,8 +439,12 @@ fn http() -> &'static reqwest::Client {
     })
 }
 
-/// The system DNS authenticator, built once; `None` when it cannot be set up.
-fn authenticator() -> Option<&'static Authenticator> {
+/// The sender authenticator: the state's (tests), else the system DNS one,
+/// built once; `None` when it cannot be set up.
+fn authenticator(state: &AppState) -> Option<&dyn SenderAuthenticator> {
+    if let Some(auth) = &state.sender_auth {
+        return Some(auth.as_ref());
+    }
     static AUTH: OnceLock<Option<Authenticator>> = OnceLock::new();
     AUTH.get_or_init(|| match Authenticator::system() {
         Ok(a) => Some(a),
@@ -406,6 +454,7 @@ fn authenticator() -> Option<&'static Authenticator> {
         }
     })
     .as_ref()
+    .map(|a| a as &dyn SenderAuthenticator)
 }
 
 fn base_url(state: &AppState) -> String {
@@ -506,37 +555,10 @@ async fn fetch_and_check(
     job: &Job,
 ) -> Result<Option<(SessionId, String, EmailMessagePayload, Option<Command>)>, PrepareError> {
     let platform = &state.platform;
-    let settings = &platform.settings;
     let meta: EmailJob = serde_json::from_str(&job.payload)
         .map_err(|e| PrepareError::Permanent(format!("unreadable email job payload: {e}")))?;
-    let limits =
-        InboundLimits { message_bytes_max: settings.gateway.email_body_bytes_max as usize, ..InboundLimits::default() };
-    let (raw, email) = match &meta.raw_b64 {
-        Some(b64) => {
-            use base64::Engine as _;
-            let raw = base64::engine::general_purpose::STANDARD
-                .decode(b64)
-                .map_err(|e| PrepareError::Permanent(format!("unreadable raw email in the job: {e}")))?;
-            let email =
-                inbound::parse(&raw, &limits).map_err(|e| PrepareError::Permanent(format!("unreadable email: {e}")))?;
-            (Some(raw), email)
-        }
-        None => fetch_from_resend(state, &meta, &limits).await?,
-    };
-
-    // Loops: automated mail, and mail from any agent's own address (or the
-    // platform's reserved ones: start@, postmaster@, noreply@ ...). Other
-    // addresses at the same domain are people: a self-hoster may share it.
-    let platform_address = email.from.domain().eq_ignore_ascii_case(&settings.email.domain)
-        && tinyfat_core::names::RESERVED_NAMES.contains(&email.from.local_part().to_ascii_lowercase().as_str());
-    let from_agent = platform_address
-        || platform
-            .store
-            .agent_by_email(&email.from)
-            .await
-            .map_err(|e| PrepareError::Transient(e.to_string()))?
-            .is_some();
-    if let Some(reason) = email.loop_reason(|a| a == &email.from && from_agent) {
+    let (raw, email) = load_message(state, &meta).await?;
+    if let Some(reason) = loop_reason(state, &email).await? {
         tracing::info!(agent = %agent.name, from = %email.from, reason = %reason, "inbound email not answered (loop)");
         return Ok(None);
     }
@@ -553,43 +575,13 @@ async fn fetch_and_check(
         );
         return Ok(None);
     }
-    // Authentication (DMARC-aligned DKIM or SPF) on the raw message.
-    let require_auth = settings.email.require_auth;
     // IMAP: the mailbox provider's verdict, when it is from the configured
     // authserv-id; otherwise our own checks.
     let trusted = match &raw {
         Some(raw) => imap::trusted_verdict(state, agent, &meta.provider, raw).await,
         None => None,
     };
-    let verdict = match (&raw, trusted, authenticator()) {
-        (_, Some(verdict), _) => Some(verdict),
-        (Some(raw), None, Some(auth)) => {
-            let receiver_host = settings.email.domain.as_str();
-            let envelope = meta.envelope.as_ref().map(|e| SmtpEnvelope {
-                client_ip: e.client_ip,
-                helo: &e.helo,
-                mail_from: &e.mail_from,
-                receiver_host,
-            });
-            Some(auth.verify(raw, envelope.as_ref()).await)
-        }
-        _ => None,
-    };
-    let admitted = match verdict {
-        Some(verdict) => {
-            if !verdict.admits(require_auth) {
-                tracing::warn!(agent = %agent.name, sender = %email.from, verdict = %verdict, "email failed sender authentication; dropped");
-            }
-            verdict.admits(require_auth)
-        }
-        None => {
-            if require_auth {
-                tracing::warn!(agent = %agent.name, sender = %email.from, "email sender cannot be authenticated (no raw message); dropped (email.require_auth = false admits it)");
-            }
-            !require_auth
-        }
-    };
-    if !admitted {
+    if !authenticated(state, raw.as_deref(), meta.envelope.as_ref(), trusted, &email, agent.name.as_str()).await {
         return Ok(None);
     }
 
@@ -627,6 +619,95 @@ async fn fetch_and_check(
         email: Some(EmailThread::from_inbound(&email)),
     };
     Ok(Some((session, email.dedup_key(&agent.id), payload, command_of(&email))))
+}
+
+/// The message of an `email`-shaped job: the raw bytes it carries (SMTP,
+/// IMAP), or fetched from Resend. The raw MIME is `None` when Resend offers
+/// only its parsed JSON.
+pub(crate) async fn load_message(
+    state: &AppState,
+    meta: &EmailJob,
+) -> Result<(Option<Vec<u8>>, InboundEmail), PrepareError> {
+    let settings = &state.platform.settings;
+    let limits =
+        InboundLimits { message_bytes_max: settings.gateway.email_body_bytes_max as usize, ..InboundLimits::default() };
+    match &meta.raw_b64 {
+        Some(b64) => {
+            use base64::Engine as _;
+            let raw = base64::engine::general_purpose::STANDARD
+                .decode(b64)
+                .map_err(|e| PrepareError::Permanent(format!("unreadable raw email in the job: {e}")))?;
+            let email =
+                inbound::parse(&raw, &limits).map_err(|e| PrepareError::Permanent(format!("unreadable email: {e}")))?;
+            Ok((Some(raw), email))
+        }
+        None => fetch_from_resend(state, meta, &limits).await,
+    }
+}
+
+/// Why a mail must not be answered (SPEC §8 loops): automated mail, and mail
+/// from any agent's own address or the platform's reserved ones (start@,
+/// postmaster@, noreply@ ...). Other addresses at the same domain are
+/// people: a self-hoster may share it.
+pub(crate) async fn loop_reason(state: &AppState, email: &InboundEmail) -> Result<Option<LoopReason>, PrepareError> {
+    let platform = &state.platform;
+    let domain = &platform.settings.email.domain;
+    let platform_address = email.from.domain().eq_ignore_ascii_case(domain)
+        && tinyfat_core::names::RESERVED_NAMES.contains(&email.from.local_part().to_ascii_lowercase().as_str());
+    let from_agent = platform_address
+        || platform
+            .store
+            .agent_by_email(&email.from)
+            .await
+            .map_err(|e| PrepareError::Transient(e.to_string()))?
+            .is_some();
+    Ok(email.loop_reason(|a| a == &email.from && from_agent))
+}
+
+/// SPEC §8 authentication: DMARC-aligned DKIM or SPF on the raw message
+/// (SPF only with our own listener's envelope). Without a raw message or an
+/// authenticator the sender is refused unless `email.require_auth = false`;
+/// a DMARC failure is refused always. `whom` names the addressee in logs.
+pub(crate) async fn authenticated(
+    state: &AppState,
+    raw: Option<&[u8]>,
+    envelope: Option<&JobEnvelope>,
+    trusted: Option<AuthVerdict>,
+    email: &InboundEmail,
+    whom: &str,
+) -> bool {
+    let settings = &state.platform.settings;
+    let require_auth = settings.email.require_auth;
+    if let Some(verdict) = trusted {
+        let admitted = verdict.admits(require_auth);
+        if !admitted {
+            tracing::warn!(to = %whom, sender = %email.from, verdict = %verdict, "email failed sender authentication (trusted Authentication-Results); dropped");
+        }
+        return admitted;
+    }
+    match (raw, authenticator(state)) {
+        (Some(raw), Some(auth)) => {
+            let receiver_host = settings.email.domain.as_str();
+            let envelope = envelope.map(|e| SmtpEnvelope {
+                client_ip: e.client_ip,
+                helo: &e.helo,
+                mail_from: &e.mail_from,
+                receiver_host,
+            });
+            let verdict = auth.authenticate(raw, envelope.as_ref()).await;
+            let admitted = verdict.admits(require_auth);
+            if !admitted {
+                tracing::warn!(to = %whom, sender = %email.from, verdict = %verdict, "email failed sender authentication; dropped");
+            }
+            admitted
+        }
+        _ => {
+            if require_auth {
+                tracing::warn!(to = %whom, sender = %email.from, "email sender cannot be authenticated (no raw message); dropped (email.require_auth = false admits it)");
+            }
+            !require_auth
+        }
+    }
 }
 
 /// Fetches a Resend notice's message: the parsed email, and the raw MIME
@@ -750,19 +831,27 @@ struct OutboxDraft {
 /// SMTP); returns the provider's message id (SMTP: the Message-ID).
 pub async fn send(state: &AppState, delivery: &Delivery) -> Result<Option<String>, SendError> {
     let platform = &state.platform;
-    let agent = platform
-        .store
-        .agent_by_id(&delivery.agent_id)
-        .await
-        .map_err(|e| SendError::Transient { error: e.to_string(), retry_after_ms: None })?
-        .ok_or_else(|| SendError::Permanent("the agent no longer exists".into()))?;
+    // The platform's own mail (provisioning) is from start@; else the agent's.
+    let from = if delivery.agent_id == provision::platform_agent_id() {
+        let address = provision::start_address(&platform.settings.email.domain)
+            .ok_or_else(|| SendError::Permanent("email.domain gives no valid start@ address".into()))?;
+        Mailbox::new(Some(provision::PLATFORM_DISPLAY_NAME), address)
+    } else {
+        let agent = platform
+            .store
+            .agent_by_id(&delivery.agent_id)
+            .await
+            .map_err(|e| SendError::Transient { error: e.to_string(), retry_after_ms: None })?
+            .ok_or_else(|| SendError::Permanent("the agent no longer exists".into()))?;
+        Mailbox::new(Some(agent.name.as_str()), agent.email.clone())
+    };
     let body: EmailBody = serde_json::from_str(&delivery.body)
         .map_err(|e| SendError::Permanent(format!("unreadable email delivery body: {e}")))?;
-    let mut draft = draft_for(state, &agent, delivery, &body).await?;
+    let mut draft = draft_for(state, from, delivery, &body).await?;
     if !body.attachments.is_empty() {
         let workspace = platform
             .storage
-            .checkout(&agent.id)
+            .checkout(&delivery.agent_id)
             .await
             .map_err(|e| SendError::Transient { error: e.to_string(), retry_after_ms: None })?;
         draft.attachments = read_attachments(&workspace, &body.attachments).map_err(SendError::Permanent)?;
@@ -771,7 +860,7 @@ pub async fn send(state: &AppState, delivery: &Delivery) -> Result<Option<String
     let email = outbound::compose(draft, &delivery.id, &platform.settings.email.domain, date)
         .map_err(|e| SendError::Permanent(e.to_string()))?;
     match platform.settings.email.provider.as_str() {
-        "resend" => send_resend(state, &agent, &delivery.id, &email).await.map(Some),
+        "resend" => send_resend(state, &delivery.agent_id, &delivery.id, &email).await.map(Some),
         "smtp" => smtp_send::send(&platform.settings.email, &email).await.map(Some),
         other => Err(SendError::Permanent(format!("email provider {other:?} is not available in this version"))),
     }
@@ -779,7 +868,7 @@ pub async fn send(state: &AppState, delivery: &Delivery) -> Result<Option<String
 
 /// The draft of an email delivery, attachments not read: recipients,
 /// subject and the parent it threads under.
-async fn draft_for(state: &AppState, agent: &Agent, delivery: &Delivery, body: &EmailBody) -> Result<Draft, SendError> {
+async fn draft_for(state: &AppState, from: Mailbox, delivery: &Delivery, body: &EmailBody) -> Result<Draft, SendError> {
     let target: Conversation = serde_json::from_str(&delivery.target)
         .map_err(|e| SendError::Permanent(format!("unreadable email delivery target: {e}")))?;
     let parse = |s: &str| {
@@ -788,7 +877,7 @@ async fn draft_for(state: &AppState, agent: &Agent, delivery: &Delivery, body: &
     let list = |v: &[String]| v.iter().map(|s| parse(s)).collect::<Result<Vec<_>, _>>();
 
     let mut draft = Draft {
-        from: Mailbox::new(Some(agent.name.as_str()), agent.email.clone()),
+        from,
         to: Vec::new(),
         cc: Vec::new(),
         bcc: Vec::new(),
@@ -810,7 +899,7 @@ async fn draft_for(state: &AppState, agent: &Agent, delivery: &Delivery, body: &
         draft.to = vec![parse(to)?];
         draft.parent = reply_parent(state, delivery, body, &draft.to[0]).await;
         if draft.parent.is_none() {
-            draft.subject = Some(format!("Message from {}", agent.name));
+            draft.subject = Some(format!("Message from {}", draft.from.name.as_deref().unwrap_or("tinyfat")));
         }
     }
     Ok(draft)
@@ -849,7 +938,7 @@ fn read_attachments(workspace: &Workspace, paths: &[String]) -> Result<Vec<Outbo
 
 async fn send_resend(
     state: &AppState,
-    agent: &Agent,
+    agent_id: &tinyfat_core::AgentId,
     delivery_id: &str,
     email: &outbound::OutboundEmail,
 ) -> Result<String, SendError> {
@@ -861,7 +950,7 @@ async fn send_resend(
     let response = http()
         .post(format!("{}/emails", base_url(state)))
         .bearer_auth(key.expose())
-        .header("Idempotency-Key", outbound::idempotency_key(&agent.id, delivery_id))
+        .header("Idempotency-Key", outbound::idempotency_key(agent_id, delivery_id))
         .header(reqwest::header::CONTENT_TYPE, "application/json")
         .body(email.resend_json())
         .send()
