@@ -531,9 +531,11 @@ impl Inner {
     /// Hands a warm sandbox its command: adopt what was written to the agent
     /// dir since it was prepared (as a cold call does), then write the
     /// command. Capture and the timeout already run from the call's start.
-    async fn start_warm(&self, warm: Warm, command: String) -> Result<Started, SandboxError> {
+    /// `None` when the sandbox died before it got the command (the call then
+    /// starts cold).
+    async fn start_warm(&self, warm: Warm, command: String) -> Result<Option<Started>, SandboxError> {
         let Warm { child, output, cgroup, command: mut command_w, dir, uid, .. } = warm;
-        let adopted = tokio::task::spawn_blocking(move || -> std::io::Result<()> {
+        let written = tokio::task::spawn_blocking(move || -> std::io::Result<bool> {
             let adopted = ownership::adopt(&dir, uid, uid)?;
             if adopted.incomplete {
                 tracing::warn!(
@@ -544,15 +546,16 @@ impl Inner {
             let mut bytes = command.into_bytes();
             bytes.push(0);
             // At most WARM_COMMAND_BYTES_MAX + 1 bytes into an empty pipe:
-            // never blocks. A failed write means the sandbox died; bwrap's
-            // message (if any) arrives on the output.
-            let _ = command_w.write_all(&bytes);
-            Ok(())
+            // never blocks. It fails only when the sandbox is gone.
+            Ok(command_w.write_all(&bytes).is_ok())
         })
         .await
-        .map_err(|e| SandboxError::Io(std::io::Error::other(e)))?;
-        adopted?;
-        Ok(Started { child, output, cgroup, handshake_pipes: None, workdir: PathBuf::from(SANDBOX_DATA_DIR) })
+        .map_err(|e| SandboxError::Io(std::io::Error::other(e)))??;
+        if !written {
+            tracing::debug!("warm sandbox died before its call; starting cold");
+            return Ok(None);
+        }
+        Ok(Some(Started { child, output, cgroup, handshake_pipes: None, workdir: PathBuf::from(SANDBOX_DATA_DIR) }))
     }
 
     /// Runs one call; afterwards (when `prewarm`) asks for the agent's next
@@ -604,8 +607,12 @@ impl Inner {
             }
             _ => None,
         };
-        let Started { mut child, output, cgroup, handshake_pipes, workdir } = match warm {
-            Some(warm) => self.start_warm(warm, req.command).await?,
+        let warm_started = match warm {
+            Some(warm) => self.start_warm(warm, req.command.clone()).await?,
+            None => None,
+        };
+        let Started { mut child, output, cgroup, handshake_pipes, workdir } = match warm_started {
+            Some(started) => started,
             None => {
                 let this = self.clone();
                 let prepared = tokio::task::spawn_blocking(move || this.prepare(&req, &relative, false))
