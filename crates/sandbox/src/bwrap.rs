@@ -33,6 +33,12 @@
 //! namespace; after a timeout or cancellation the cgroup confirms nothing is
 //! left before the call returns.
 //!
+//! Warm start (`sandbox.warm`, see `warm`): the same sandbox can be built
+//! ahead of a call, with `bash -c` running [`WARM_LOADER`] (read the command
+//! from stdin, then exec `bash -c COMMAND`). A network-off call in `/data`
+//! takes its agent's ready one, adopts the agent dir again and writes the
+//! command; every other call starts cold as described above.
+//!
 //! This module must never fall back to running a command unsandboxed: when
 //! anything needed is missing, calls fail with [`SandboxError::Unavailable`].
 
