@@ -190,3 +190,23 @@ async fn the_pool_is_bounded_across_agents() {
     let uid_a = exec.uid_for(&agents.a).unwrap();
     assert!(eventually(Duration::from_secs(5), || host_processes_of_uid(uid_a).is_empty()).await);
 }
+
+#[tokio::test]
+async fn cancelling_kills_a_warm_started_command_promptly() {
+    let agents = Agents::new();
+    let exec = warm_bwrap(60);
+    wait_ready_after(&exec, &agents.a, "true").await;
+    let (tx, rx) = tokio::sync::watch::channel(false);
+    tokio::spawn(async move {
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        let _ = tx.send(true);
+    });
+    let out = exec
+        .run(ExecRequest::new(&agents.a, "echo started; sleep 1000").timeout(Duration::from_secs(60)).cancel(rx))
+        .await
+        .unwrap();
+    assert_eq!(exec.warm_stats().taken, 1);
+    assert!(out.cancelled && !out.timed_out, "{out:?}");
+    assert_eq!(out.output, "started\n");
+    assert!(out.duration < Duration::from_secs(10), "{out:?}");
+}
