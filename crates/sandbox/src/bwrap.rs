@@ -211,14 +211,6 @@ impl Bwrap {
         Ok(self.0.uids.for_dir(&data_dir.canonicalize()?))
     }
 
-    /// Prepares a warm sandbox for the agent at `data_dir` in the background
-    /// (e.g. at start for the agents the runtime knows), so that its first
-    /// call starts warm too. No-op when `sandbox.warm` is off or outside a
-    /// tokio runtime.
-    pub fn prewarm(&self, data_dir: &Path) {
-        self.0.request_warm(data_dir);
-    }
-
     /// Whether a warm sandbox is ready for the agent at `data_dir` (the
     /// path as the calls give it).
     pub fn warm_ready(&self, data_dir: &Path) -> bool {
@@ -286,6 +278,10 @@ impl Inner {
                 u64::from(self.uids.base) + u64::from(self.uids.count)
             ),
             format!("network: off = loopback only, in its own namespace; on = {}", netguard::status(&self.egress)),
+            match &self.warm {
+                Some(pool) => format!("warm start: on ({})", pool.describe()),
+                None => "warm start: off (sandbox.warm = false); every call starts its sandbox".into(),
+            },
         ]
     }
 
@@ -757,6 +753,13 @@ impl ToolExecutor for Bwrap {
             Err(SandboxError::Unavailable(msg)) => fail(diagnose(&msg, None)),
             Err(e) => fail(e.to_string()),
         }
+    }
+
+    /// Prepares a warm sandbox for the agent at `data_dir` in the
+    /// background, so that its first call starts warm too. No-op when
+    /// `sandbox.warm` is off or outside a tokio runtime.
+    fn prewarm(&self, data_dir: &Path) {
+        self.0.request_warm(data_dir);
     }
 
     async fn run(&self, req: ExecRequest) -> Result<ExecOutput, SandboxError> {

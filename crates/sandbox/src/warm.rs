@@ -141,6 +141,11 @@ impl Pool {
         }
     }
 
+    /// One line for the health report.
+    pub(crate) fn describe(&self) -> String {
+        format!("one ready sandbox per agent active in the last {} s, at most {} in all", self.idle.as_secs(), self.max)
+    }
+
     pub(crate) fn is_ready(&self, data_dir: &Path) -> bool {
         lock(&self.ready).contains_key(data_dir)
     }

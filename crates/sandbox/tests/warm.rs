@@ -210,3 +210,18 @@ async fn cancelling_kills_a_warm_started_command_promptly() {
     assert_eq!(out.output, "started\n");
     assert!(out.duration < Duration::from_secs(10), "{out:?}");
 }
+
+#[tokio::test]
+async fn prewarm_makes_the_first_call_warm_and_the_report_names_the_pool() {
+    let agents = Agents::new();
+    let exec = warm_bwrap(60);
+    let health = exec.check().await;
+    assert!(health.ok, "{health:?}");
+    assert!(health.notes.iter().any(|n| n.starts_with("warm start: on")), "{health:?}");
+    assert_eq!(exec.warm_stats().prepared, 0, "the self-check leaves no warm sandbox");
+    exec.prewarm(&agents.a);
+    wait_ready(&exec, &agents.a).await;
+    let out = run(exec.as_ref(), &agents.a, "echo first").await;
+    assert_eq!(out.output, "first\n");
+    assert_eq!(exec.warm_stats().taken, 1);
+}
