@@ -137,6 +137,9 @@ pub struct ModelSettings {
 pub struct SandboxSettings {
     /// `bwrap` (default) or `none` (development only, loudly warned).
     pub mode: String,
+    /// Keep a ready sandbox for each recently active agent so its next tool
+    /// call skips the sandbox start-up (default on; off = every call cold).
+    pub warm: bool,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -229,7 +232,7 @@ impl Default for Settings {
 
 impl Default for SandboxSettings {
     fn default() -> Self {
-        Self { mode: "bwrap".to_owned() }
+        Self { mode: "bwrap".to_owned(), warm: true }
     }
 }
 

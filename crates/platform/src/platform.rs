@@ -55,6 +55,7 @@ impl Platform {
             } else {
                 tinyfat_sandbox::SandboxMode::Bwrap
             },
+            warm: settings.sandbox.warm,
             ..Default::default()
         };
         let executor = tinyfat_sandbox::build_executor(&sandbox);

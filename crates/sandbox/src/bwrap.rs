@@ -33,6 +33,12 @@
 //! namespace; after a timeout or cancellation the cgroup confirms nothing is
 //! left before the call returns.
 //!
+//! Warm start (`sandbox.warm`, see `warm`): the same sandbox can be built
+//! ahead of a call, with `bash -c` running [`WARM_LOADER`] (read the command
+//! from stdin, then exec `bash -c COMMAND`). A network-off call in `/data`
+//! takes its agent's ready one, adopts the agent dir again and writes the
+//! command; every other call starts cold as described above.
+//!
 //! This module must never fall back to running a command unsandboxed: when
 //! anything needed is missing, calls fail with [`SandboxError::Unavailable`].
 
@@ -43,6 +49,7 @@ use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::sync::Arc;
+use std::time::Duration;
 
 use command_fds::{CommandFdExt, FdMapping};
 use rustix::process::{Pid, Resource, Rlimit, prlimit};
@@ -60,6 +67,7 @@ use crate::exec::{
 use crate::ownership;
 use crate::seccomp;
 use crate::supervise::{self, Stop};
+use crate::warm::{Identity, Pool, Warm, WarmStats};
 use crate::{SandboxConfig, netguard};
 
 const SETPRIV: &str = "/usr/bin/setpriv";
@@ -82,6 +90,18 @@ for __tf_fd in /proc/self/fd/*; do
 done
 unset __tf_fd BASH_ENV
 "#;
+
+/// The command of a warm sandbox (after the prologue): wait for the real
+/// command on stdin (NUL-terminated, written when a call takes the sandbox),
+/// then become `bash -c COMMAND` with stdin from /dev/null, exactly as a
+/// cold call runs it (`SHLVL=0` so the command sees the same `SHLVL` 1).
+/// EOF (the pool dropped the sandbox) ends it.
+const WARM_LOADER: &str =
+    "IFS= read -r -d '' __tf_cmd || exit 125\nSHLVL=0 exec /bin/bash -c \"$__tf_cmd\" </dev/null\n";
+
+/// Longest command sent to a warm sandbox; bash reads a pipe byte by byte,
+/// so longer commands start cold (a fresh sandbox either way).
+const WARM_COMMAND_BYTES_MAX: usize = 16 * 1024;
 
 /// Top-level directories that are either symlinks into /usr (merged /usr)
 /// or real system directories; mirrored read-only.
@@ -142,6 +162,8 @@ struct Inner {
     /// Network-on support, or why it is refused here.
     egress: Result<netguard::Egress, String>,
     slots: Arc<Semaphore>,
+    /// Ready sandboxes per agent (`sandbox.warm`); `None` when off.
+    warm: Option<Pool>,
 }
 
 /// A call ready to start: the command, its options and its pipes.
@@ -154,6 +176,16 @@ struct Prepared {
     cgroup: CallCgroup,
     handshake_pipes: Option<(std::io::PipeReader, std::io::PipeWriter)>,
     workdir: PathBuf,
+    /// Warm sandboxes only: what to build the pool entry from.
+    warm: Option<WarmParts>,
+}
+
+/// The parts of a prepared warm sandbox beyond a cold call's.
+struct WarmParts {
+    command: std::io::PipeWriter,
+    dir: OwnedFd,
+    uid: u32,
+    identity: Identity,
 }
 
 /// A started call: bwrap running with its limits, in its cgroups.
@@ -177,6 +209,17 @@ impl Bwrap {
     /// The host uid that tool processes of the agent at `data_dir` run as.
     pub fn uid_for(&self, data_dir: &Path) -> std::io::Result<u32> {
         Ok(self.0.uids.for_dir(&data_dir.canonicalize()?))
+    }
+
+    /// Whether a warm sandbox is ready for the agent at `data_dir` (the
+    /// path as the calls give it).
+    pub fn warm_ready(&self, data_dir: &Path) -> bool {
+        self.0.warm.as_ref().is_some_and(|p| p.is_ready(data_dir))
+    }
+
+    /// Counters of the warm pool (all zero when it is off).
+    pub fn warm_stats(&self) -> WarmStats {
+        self.0.warm.as_ref().map(Pool::stats).unwrap_or_default()
     }
 }
 
@@ -215,6 +258,7 @@ impl Inner {
             seccomp,
             egress: netguard::Egress::detect(),
             slots: Arc::new(Semaphore::new(calls)),
+            warm: config.warm.then(|| Pool::new(Duration::from_secs(config.warm_idle_s), config.warm_max)),
         }
     }
 
@@ -234,6 +278,10 @@ impl Inner {
                 u64::from(self.uids.base) + u64::from(self.uids.count)
             ),
             format!("network: off = loopback only, in its own namespace; on = {}", netguard::status(&self.egress)),
+            match &self.warm {
+                Some(pool) => format!("warm start: on ({})", pool.describe()),
+                None => "warm start: off (sandbox.warm = false); every call starts its sandbox".into(),
+            },
         ]
     }
 
@@ -294,7 +342,10 @@ impl Inner {
     /// The blocking file work of a call: open the agent dir by handle and
     /// hand its files to the agent's uid, prepare /etc and the call's
     /// cgroups, and build the bwrap command with its options and pipes.
-    fn prepare(&self, req: &ExecRequest, relative: &Path) -> Result<Prepared, SandboxError> {
+    ///
+    /// `warm`: build a warm sandbox instead (the command comes later, on
+    /// stdin; see [`WARM_LOADER`]).
+    fn prepare(&self, req: &ExecRequest, relative: &Path, warm: bool) -> Result<Prepared, SandboxError> {
         let canonical = req.data_dir.canonicalize().map_err(|e| {
             SandboxError::InvalidRequest(format!("agent data directory {}: {e}", req.data_dir.display()))
         })?;
@@ -317,7 +368,15 @@ impl Inner {
         // Network-on needs the sandbox's PID 1 (reported on fd 8) to connect
         // its network while the sandbox waits on fd 9. Cgroups need no
         // handshake: bwrap joins them before it forks anything.
-        let handshake = req.network == Network::On;
+        let handshake = req.network == Network::On && !warm;
+        let warm = match warm {
+            true => {
+                let identity = Identity::of_handles(&agent.dir, agent.config.as_ref())?;
+                let (command_r, command) = std::io::pipe()?;
+                Some((command_r, WarmParts { command, dir: agent.dir.try_clone()?, uid, identity }))
+            }
+            false => None,
+        };
         let args = self.call_args(&etc, agent.config.is_some(), &workdir, handshake);
 
         // Pipes: options, seccomp programs, the handshake, the output.
@@ -361,13 +420,22 @@ impl Inner {
                 BASH,
                 "-c",
             ])
-            .arg(&req.command)
+            .arg(if warm.is_some() { WARM_LOADER } else { &req.command })
             .env_clear()
-            .stdin(Stdio::null())
             .stdout(Stdio::from(out_w))
             .stderr(Stdio::from(out_w2))
             .process_group(0)
             .kill_on_drop(true);
+        let warm = match warm {
+            Some((command_r, parts)) => {
+                cmd.stdin(Stdio::from(command_r));
+                Some(parts)
+            }
+            None => {
+                cmd.stdin(Stdio::null());
+                None
+            }
+        };
         cmd.fd_mappings(fds).map_err(|e| SandboxError::Io(std::io::Error::other(e)))?;
 
         let mut gate = Vec::with_capacity(4096);
@@ -375,7 +443,7 @@ impl Inner {
             gate.extend_from_slice(arg.as_bytes());
             gate.push(0);
         }
-        Ok(Prepared { cmd, gate, args_w, output: out_r, cgroup, handshake_pipes, workdir })
+        Ok(Prepared { cmd, gate, args_w, output: out_r, cgroup, handshake_pipes, workdir, warm })
     }
 
     /// Starts the prepared bwrap, gated on its options: limits and cgroups
@@ -386,18 +454,8 @@ impl Inner {
     /// `--die-with-parent` is tied to the *thread* that forked it, and idle
     /// blocking threads exit after 10 s, which would kill the sandbox.
     async fn start(&self, prepared: Prepared) -> Result<Started, SandboxError> {
-        let Prepared { mut cmd, gate, mut args_w, output, cgroup, handshake_pipes, workdir } = prepared;
-        let mut child = cmd
-            .spawn()
-            .map_err(|e| SandboxError::Unavailable(format!("cannot start {}: {e}", self.bwrap.display())))?;
-        // The Command holds our copies of the child's pipe ends; close them
-        // so the output and the report reach EOF when bwrap is gone.
-        drop(cmd);
-        let pid = child.id().ok_or_else(|| SandboxError::Io(std::io::Error::other("bwrap exited at once")))?;
-        if let Err(e) = set_rlimits(pid, &self.limits) {
-            let _ = child.start_kill();
-            return Err(SandboxError::Unavailable(format!("cannot apply resource limits: {e}")));
-        }
+        let Prepared { cmd, gate, mut args_w, output, cgroup, handshake_pipes, workdir, warm: _ } = prepared;
+        let (child, pid) = self.spawn_gated(cmd)?;
         let cgroup = if self.cgroups.moves_are_fast() {
             cgroup.join(pid);
             cgroup
@@ -415,7 +473,112 @@ impl Inner {
         Ok(Started { child, output, cgroup, handshake_pipes, workdir })
     }
 
-    async fn run_call(self: &Arc<Self>, req: ExecRequest, started: Instant) -> Result<ExecOutput, SandboxError> {
+    /// Spawns bwrap (blocked on its options) and applies the rlimits.
+    fn spawn_gated(&self, mut cmd: tokio::process::Command) -> Result<(tokio::process::Child, u32), SandboxError> {
+        let mut child = cmd
+            .spawn()
+            .map_err(|e| SandboxError::Unavailable(format!("cannot start {}: {e}", self.bwrap.display())))?;
+        // The Command holds our copies of the child's pipe ends; close them
+        // so the output and the report reach EOF when bwrap is gone.
+        drop(cmd);
+        let pid = child.id().ok_or_else(|| SandboxError::Io(std::io::Error::other("bwrap exited at once")))?;
+        if let Err(e) = set_rlimits(pid, &self.limits) {
+            let _ = child.start_kill();
+            return Err(SandboxError::Unavailable(format!("cannot apply resource limits: {e}")));
+        }
+        Ok((child, pid))
+    }
+
+    /// Builds and starts a warm sandbox for `data_dir`: everything of a
+    /// network-off call in `/data`, up to bash waiting for its command. Runs
+    /// on the pool's thread (see `warm`), inside the runtime's context.
+    fn make_warm(&self, data_dir: &Path) -> Result<Warm, SandboxError> {
+        if let Some(reason) = &self.broken {
+            return Err(SandboxError::Unavailable(reason.clone()));
+        }
+        let req = ExecRequest::new(data_dir, "");
+        let Prepared { cmd, gate, mut args_w, output, cgroup, warm, .. } = self.prepare(&req, Path::new(""), true)?;
+        let parts = warm.ok_or_else(|| SandboxError::Io(std::io::Error::other("warm parts missing")))?;
+        let (child, pid) = self.spawn_gated(cmd)?;
+        cgroup.join(pid);
+        let _ = args_w.write_all(&gate);
+        drop(args_w);
+        Ok(Warm {
+            child,
+            output,
+            cgroup,
+            command: parts.command,
+            dir: parts.dir,
+            uid: parts.uid,
+            identity: parts.identity,
+            ready_at: std::time::Instant::now(),
+        })
+    }
+
+    /// Asks the pool for a warm sandbox for `data_dir` (when warm is on).
+    fn request_warm(self: &Arc<Self>, data_dir: &Path) {
+        let Some(pool) = &self.warm else { return };
+        if self.broken.is_some() {
+            return;
+        }
+        pool.request(data_dir, || {
+            let weak = Arc::downgrade(self);
+            Box::new(move |dir: &Path| match weak.upgrade() {
+                Some(inner) => inner.make_warm(dir),
+                None => Err(SandboxError::Unavailable("sandbox is shutting down".into())),
+            })
+        });
+    }
+
+    /// Hands a warm sandbox its command: adopt what was written to the agent
+    /// dir since it was prepared (as a cold call does), then write the
+    /// command. Capture and the timeout already run from the call's start.
+    /// `None` when the sandbox died before it got the command (the call then
+    /// starts cold).
+    async fn start_warm(&self, warm: Warm, command: String) -> Result<Option<Started>, SandboxError> {
+        let Warm { child, output, cgroup, command: mut command_w, dir, uid, .. } = warm;
+        let written = tokio::task::spawn_blocking(move || -> std::io::Result<bool> {
+            let adopted = ownership::adopt(&dir, uid, uid)?;
+            if adopted.incomplete {
+                tracing::warn!(
+                    entries = adopted.entries,
+                    "agent directory too large to adopt completely; some files stay read-only to the agent"
+                );
+            }
+            let mut bytes = command.into_bytes();
+            bytes.push(0);
+            // At most WARM_COMMAND_BYTES_MAX + 1 bytes into an empty pipe:
+            // never blocks. It fails only when the sandbox is gone.
+            Ok(command_w.write_all(&bytes).is_ok())
+        })
+        .await
+        .map_err(|e| SandboxError::Io(std::io::Error::other(e)))??;
+        if !written {
+            tracing::debug!("warm sandbox died before its call; starting cold");
+            return Ok(None);
+        }
+        Ok(Some(Started { child, output, cgroup, handshake_pipes: None, workdir: PathBuf::from(SANDBOX_DATA_DIR) }))
+    }
+
+    /// Runs one call; afterwards (when `prewarm`) asks for the agent's next
+    /// warm sandbox.
+    async fn run_call(
+        self: &Arc<Self>,
+        req: ExecRequest,
+        started: Instant,
+        prewarm: bool,
+    ) -> Result<ExecOutput, SandboxError> {
+        let data_dir = (prewarm && self.warm.is_some() && req.network == Network::Off).then(|| req.data_dir.clone());
+        let result = self.run_once(req, started).await;
+        if let Some(dir) = data_dir
+            && !matches!(result, Err(SandboxError::InvalidRequest(_)))
+        {
+            self.request_warm(&dir);
+        }
+        result
+    }
+
+    async fn run_once(self: &Arc<Self>, req: ExecRequest, started: Instant) -> Result<ExecOutput, SandboxError> {
         if let Some(reason) = &self.broken {
             return Err(SandboxError::Unavailable(reason.clone()));
         }
@@ -435,12 +598,31 @@ impl Inner {
             slot = self.slots.clone().acquire_owned() => slot.map_err(|_| SandboxError::Unavailable("sandbox is shutting down".into()))?,
         };
 
-        let this = self.clone();
         let output_bytes_max = req.output_bytes_max;
-        let prepared = tokio::task::spawn_blocking(move || this.prepare(&req, &relative))
-            .await
-            .map_err(|e| SandboxError::Io(std::io::Error::other(e)))??;
-        let Started { mut child, output, cgroup, handshake_pipes, workdir } = self.start(prepared).await?;
+        let warm = match &self.warm {
+            Some(pool)
+                if req.network == Network::Off
+                    && relative.as_os_str().is_empty()
+                    && req.command.len() <= WARM_COMMAND_BYTES_MAX =>
+            {
+                pool.take(&req.data_dir)
+            }
+            _ => None,
+        };
+        let warm_started = match warm {
+            Some(warm) => self.start_warm(warm, req.command.clone()).await?,
+            None => None,
+        };
+        let Started { mut child, output, cgroup, handshake_pipes, workdir } = match warm_started {
+            Some(started) => started,
+            None => {
+                let this = self.clone();
+                let prepared = tokio::task::spawn_blocking(move || this.prepare(&req, &relative, false))
+                    .await
+                    .map_err(|e| SandboxError::Io(std::io::Error::other(e)))??;
+                self.start(prepared).await?
+            }
+        };
 
         let egress = match (handshake_pipes, &self.egress) {
             (Some((info_r, block_w)), Ok(egress)) => {
@@ -563,7 +745,7 @@ impl ToolExecutor for Bwrap {
             Err(e) => return fail(format!("cannot create a temporary directory: {e}")),
         };
         let req = ExecRequest::new(dir.path(), "true").timeout(std::time::Duration::from_secs(20));
-        match self.run(req).await {
+        match self.0.run_call(req, Instant::now(), false).await {
             Ok(out) if out.success() => {
                 SandboxHealth { mode: SandboxMode::Bwrap, ok: true, message: "ok".into(), notes }
             }
@@ -573,9 +755,16 @@ impl ToolExecutor for Bwrap {
         }
     }
 
+    /// Prepares a warm sandbox for the agent at `data_dir` in the
+    /// background, so that its first call starts warm too. No-op when
+    /// `sandbox.warm` is off or outside a tokio runtime.
+    fn prewarm(&self, data_dir: &Path) {
+        self.0.request_warm(data_dir);
+    }
+
     async fn run(&self, req: ExecRequest) -> Result<ExecOutput, SandboxError> {
         let started = Instant::now();
-        let result = self.0.run_call(req, started).await;
+        let result = self.0.run_call(req, started, true).await;
         match &result {
             Ok(out) => tracing::debug!(
                 exit_code = ?out.exit_code,

@@ -276,6 +276,11 @@ pub trait ToolExecutor: Send + Sync + std::fmt::Debug {
     /// Runs one command. A timeout or cancellation is a normal result
     /// (`timed_out` / `cancelled` set), not an error.
     async fn run(&self, req: ExecRequest) -> Result<ExecOutput, SandboxError>;
+
+    /// Hints that the agent at `data_dir` will call soon (e.g. at start for
+    /// the agents the runtime knows): an executor with a warm pool prepares
+    /// its sandbox in the background. Never required; default: nothing.
+    fn prewarm(&self, _data_dir: &Path) {}
 }
 
 #[cfg(test)]

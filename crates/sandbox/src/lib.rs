@@ -11,7 +11,8 @@
 //! directory), `etc` (the sandbox's minimal /etc), `cgroup` (per-call
 //! memory/pids cgroups, fast moves), `seccomp` (the syscall deny list), `netguard`
 //! (network-on through pasta, public addresses only), `supervise` (timeout,
-//! cancellation, output), `capture` (bounded output), `unsandboxed`.
+//! cancellation, output), `capture` (bounded output), `warm` (the pool of
+//! ready sandboxes, one per recently active agent), `unsandboxed`.
 //!
 //! Host requirements: root, bubblewrap, util-linux (setpriv, nsenter,
 //! prlimit; mount and umount to make cgroup moves fast), bash; for
@@ -32,6 +33,7 @@ mod ownership;
 mod seccomp;
 mod supervise;
 mod unsandboxed;
+mod warm;
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -45,6 +47,7 @@ pub use exec::{
 };
 pub use tinyfat_core::agent_config::Network;
 pub use unsandboxed::{UNSANDBOXED_WARNING, Unsandboxed};
+pub use warm::WarmStats;
 
 /// Settings of the `[sandbox]` section, validated when the executor is built.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -63,6 +66,14 @@ pub struct SandboxConfig {
     /// costs ~0.3 ms; otherwise an RCU grace period (a few ms per call).
     /// Without them memory is bounded per process by RLIMIT_AS only.
     pub per_call_cgroups: bool,
+    /// Keep one ready sandbox per recently active agent (see `warm`), so a
+    /// call skips bwrap's start-up. Each serves exactly one call; off = every
+    /// call starts cold, exactly as before.
+    pub warm: bool,
+    /// A warm sandbox unused this long is killed (idle agents cost nothing).
+    pub warm_idle_s: u64,
+    /// Warm sandboxes alive at most, across agents (oldest evicted first).
+    pub warm_max: usize,
 }
 
 impl Default for SandboxConfig {
@@ -74,6 +85,9 @@ impl Default for SandboxConfig {
             uid_base: 1_900_000_000,
             uid_count: 65_536,
             per_call_cgroups: true,
+            warm: true,
+            warm_idle_s: 60,
+            warm_max: 8,
         }
     }
 }
