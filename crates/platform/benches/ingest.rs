@@ -30,7 +30,7 @@ use tinyfat_runtime::InboundMessage;
 static SEQ: AtomicU64 = AtomicU64::new(0);
 
 async fn ingest(State(state): State<AppState>, Path(agent): Path<String>, body: String) -> StatusCode {
-    let agent = match state.platform.agent(&agent).await {
+    let agent = match state.ingest_agent(&agent).await {
         Ok(a) => a,
         Err(_) => return StatusCode::UNAUTHORIZED,
     };
