@@ -15,7 +15,7 @@ use tinyfat_platform::inbound::{Ingest, IngestOutcome, MessageJob};
 use tinyfat_platform::provision::CreateAgent;
 use tinyfat_platform::state::AppState;
 use tinyfat_runtime::InboundMessage;
-use tinyfat_store::Agent;
+use tinyfat_store::{Agent, JobQueue, MetadataStore};
 
 fn settings(dir: &Path) -> Settings {
     let env = [("TINYFAT_SANDBOX_MODE".to_owned(), "none".to_owned())].into_iter().collect();
@@ -42,7 +42,6 @@ fn message(from: &str, key: &str) -> Ingest {
 }
 
 async fn jobs(platform: &Platform, agent: &Agent) -> usize {
-    use tinyfat_store::JobQueue;
     platform.store.jobs_for(&agent.id, 100).await.unwrap().len()
 }
 
@@ -61,7 +60,6 @@ async fn senders_changed_by_another_process_take_effect_at_the_next_message() {
     assert_eq!(serve.ingest(&agent, message("bob@example.com", "k2")).await.unwrap(), IngestOutcome::Rejected);
 
     // The other process admits bob and removes every rule that admits ann.
-    use tinyfat_store::MetadataStore;
     cli.store.add_sender(&agent.id, &SenderPattern::parse("bob@example.com").unwrap(), 1).await.unwrap();
     for rule in cli.store.list_senders(&agent.id).await.unwrap() {
         if rule.to_string().contains("ann") {
