@@ -15,7 +15,7 @@ use tinyfat_platform::inbound::{Ingest, IngestOutcome, MessageJob};
 use tinyfat_platform::provision::CreateAgent;
 use tinyfat_platform::state::AppState;
 use tinyfat_runtime::InboundMessage;
-use tinyfat_store::{Agent, JobQueue, MetadataStore};
+use tinyfat_store::Agent;
 
 fn settings(dir: &Path) -> Settings {
     let env = [("TINYFAT_SANDBOX_MODE".to_owned(), "none".to_owned())].into_iter().collect();
