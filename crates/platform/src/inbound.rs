@@ -3,6 +3,14 @@
 //! and `/status` without the queue, then enqueue durably with the channel's
 //! dedup key. The caller acknowledges only after this returns `Enqueued`.
 //!
+//! The agent and its allowed senders come from the store's in-memory catalog
+//! cache (no database read per request). That cache may lag a change made by
+//! another process, so admission is checked again where it counts: the job
+//! is enqueued with the catalog version its view was read at, the enqueue
+//! writer refuses it inside the commit if agents or senders changed since
+//! (`CatalogChanged`), and it is re-checked on a fresh read. A rejection is
+//! always confirmed on a fresh read before it is final.
+//!
 //! Rejected senders are counted and logged (once per sender and agent per
 //! process, with the command that would admit them), never enqueued.
 
@@ -14,13 +22,17 @@ use tinyfat_core::SessionId;
 use tinyfat_core::sender::{SenderIdentity, is_allowed};
 use tinyfat_runtime::commands::{self, Command};
 use tinyfat_runtime::{Conversation, InboundMessage};
-use tinyfat_store::{Agent, NewJob};
+use tinyfat_store::{Agent, NewJob, StoreError};
 
 use crate::error::{Error, Result};
 use crate::state::AppState;
 
 /// Distinct rejected senders remembered for log de-duplication.
 const REJECTED_REMEMBERED_MAX: usize = 10_000;
+/// Fresh re-checks of one message whose catalog view went stale before its
+/// commit; past this (the catalog changing on every commit) the enqueue
+/// fails as a transient error and the sender retries.
+const CATALOG_RECHECKS_MAX: u32 = 4;
 
 /// What a message job carries (the `payload` column).
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -67,22 +79,26 @@ impl RejectionLog {
 }
 
 impl AppState {
+    /// The agent `name_or_id` names, from the catalog cache: for the ingest
+    /// path only, whose commit re-validates what the cache answered.
+    pub async fn ingest_agent(&self, name_or_id: &str) -> Result<Agent> {
+        match self.platform.store.agent_view(name_or_id, false).await? {
+            Some(view) => Ok(view.agent.clone()),
+            None => Err(Error::UnknownAgent(name_or_id.to_owned())),
+        }
+    }
+
     pub async fn ingest(&self, agent: &Agent, ingest: Ingest) -> Result<IngestOutcome> {
-        let platform = &self.platform;
-        let rules = platform.store.list_senders(&agent.id).await?;
-        if !is_allowed(&rules, &ingest.sender) {
-            self.metrics.rejected_senders_total.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-            let sender = ingest.sender.to_string();
-            if self.rejections.first(agent, &sender) {
-                tracing::warn!(
-                    agent = %agent.name,
-                    sender = %sender,
-                    "message from a sender that is not allowed was dropped; to admit it run: tinyfat agent allow {} {}",
-                    agent.name,
-                    sender
-                );
+        let store = &self.platform.store;
+        let mut fresh = false;
+        let mut view = self.agent_view(agent, fresh).await?;
+        if !is_allowed(&view.senders, &ingest.sender) {
+            fresh = true;
+            view = self.agent_view(agent, fresh).await?;
+            if !is_allowed(&view.senders, &ingest.sender) {
+                self.reject(agent, &ingest.sender);
+                return Ok(IngestOutcome::Rejected);
             }
-            return Ok(IngestOutcome::Rejected);
         }
         match commands::parse(&ingest.job.message.text) {
             Some(Command::Stop) => return Ok(IngestOutcome::Answered(self.stop_text(agent).await?)),
@@ -98,7 +114,20 @@ impl AppState {
             kind: JOB_KIND_MESSAGE.into(),
             payload,
         };
-        let enqueued = platform.store.enqueue(job, platform.now_ms()).await?;
+        let mut rechecks = 0;
+        let enqueued = loop {
+            match store.enqueue_checked(job.clone(), self.platform.now_ms(), view.catalog_version).await {
+                Err(StoreError::CatalogChanged) if rechecks < CATALOG_RECHECKS_MAX => {
+                    rechecks += 1;
+                    view = self.agent_view(agent, true).await?;
+                    if !is_allowed(&view.senders, &ingest.sender) {
+                        self.reject(agent, &ingest.sender);
+                        return Ok(IngestOutcome::Rejected);
+                    }
+                }
+                answer => break answer?,
+            }
+        };
         if !enqueued.duplicate {
             self.wake.notify_one();
         }
@@ -111,6 +140,29 @@ impl AppState {
         let here = self.runs.cancel(&agent.id);
         let elsewhere = here || self.platform.store.request_cancel(&agent.id, self.platform.now_ms()).await?;
         Ok(if here || elsewhere { "Stopping." } else { "Nothing is running." }.to_owned())
+    }
+
+    async fn agent_view(&self, agent: &Agent, fresh: bool) -> Result<std::sync::Arc<tinyfat_store::AgentView>> {
+        self.platform
+            .store
+            .agent_view(agent.id.as_str(), fresh)
+            .await?
+            .ok_or_else(|| Error::UnknownAgent(agent.id.to_string()))
+    }
+
+    /// Counts a rejected message and logs it once per sender and agent.
+    fn reject(&self, agent: &Agent, sender: &SenderIdentity) {
+        self.metrics.rejected_senders_total.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let sender = sender.to_string();
+        if self.rejections.first(agent, &sender) {
+            tracing::warn!(
+                agent = %agent.name,
+                sender = %sender,
+                "message from a sender that is not allowed was dropped; to admit it run: tinyfat agent allow {} {}",
+                agent.name,
+                sender
+            );
+        }
     }
 
     pub async fn status_text(&self, agent: &Agent) -> Result<String> {

@@ -56,6 +56,10 @@ pub enum StoreError {
     /// The enqueue writer task has stopped (the runtime is shutting down).
     #[error("the queue writer has stopped")]
     Closed,
+    /// `enqueue_checked`: agents or allowed senders changed after the
+    /// caller's view was read; nothing was stored. Re-read and re-check.
+    #[error("the agent catalog changed; re-check the sender")]
+    CatalogChanged,
 }
 
 pub type Result<T, E = StoreError> = std::result::Result<T, E>;
@@ -131,6 +135,15 @@ pub struct DeletedRows {
     pub timers: u64,
 }
 
+/// An agent and its allowed senders as of one `catalog_version` (the
+/// counter every change to agents, users or allowed senders bumps).
+#[derive(Clone, Debug)]
+pub struct AgentView {
+    pub agent: Agent,
+    pub senders: Vec<SenderPattern>,
+    pub catalog_version: i64,
+}
+
 #[async_trait]
 pub trait MetadataStore: Send + Sync + std::fmt::Debug {
     /// Applies pending migrations; safe to call on every start.
@@ -162,6 +175,13 @@ pub trait MetadataStore: Send + Sync + std::fmt::Debug {
     /// Returns false when there was no such rule.
     async fn remove_sender(&self, agent: &AgentId, pattern: &SenderPattern) -> Result<bool>;
     async fn list_senders(&self, agent: &AgentId) -> Result<Vec<SenderPattern>>;
+    /// The agent `id_or_name` names (an agent id if it parses as one, else a
+    /// name) with its allowed senders, read in one snapshot. Unless `fresh`,
+    /// from an in-memory cache that may lag a change made by another process
+    /// (never one made through this store): admit with
+    /// `JobQueue::enqueue_checked`, which refuses a job whose view is stale,
+    /// and re-check a rejection with `fresh`.
+    async fn agent_view(&self, id_or_name: &str, fresh: bool) -> Result<Option<Arc<AgentView>>>;
 
     async fn put_secret(&self, agent: &AgentId, name: &str, sealed: &SealedSecret, now_ms: i64) -> Result<()>;
     async fn get_secret(&self, agent: &AgentId, name: &str) -> Result<Option<SealedSecret>>;

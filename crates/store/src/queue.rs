@@ -285,6 +285,12 @@ pub trait JobQueue: Send + Sync + std::fmt::Debug {
     /// Waits while the writer's pending queue is full.
     async fn enqueue(&self, job: NewJob, now_ms: i64) -> Result<Enqueued>;
 
+    /// `enqueue`, committed only while the catalog is still at
+    /// `catalog_version` (checked inside the commit, so a sender removed by
+    /// any process before the commit is never admitted under the old rules);
+    /// otherwise `StoreError::CatalogChanged` and nothing is stored.
+    async fn enqueue_checked(&self, job: NewJob, now_ms: i64, catalog_version: i64) -> Result<Enqueued>;
+
     /// Atomically takes the oldest due job whose agent has no live lease,
     /// acquires that lease (epoch + 1) and takes every due queued job of the
     /// same agent and session (up to `claim_batch_max`), marking them running.

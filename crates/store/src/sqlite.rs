@@ -3,14 +3,21 @@
 //! embedded migrations of `migrations/sqlite`. All SQLite-specific SQL lives
 //! in this module and its children: `group_commit` (the enqueue writer),
 //! `queue` (claims, leases, dead letters), `delivery` (deliveries, usage),
-//! `timers` (the scheduler's timers) and `polls` (channel pollers' leases
-//! and cursors).
+//! `timers` (the scheduler's timers), `polls` (channel pollers' leases and
+//! cursors) and `catalog` (the ingest path's cache of agents and allowed
+//! senders).
+//!
+//! WAL checkpoints run off the request path: the writer's background
+//! checkpointer (`group_commit`) copies the WAL into the database after
+//! commits, and SQLite's automatic checkpoint inside a commit only fires as
+//! a safety net once the WAL is far larger (`WAL_AUTOCHECKPOINT_PAGES`).
 //!
 //! Every transaction that reads and then writes starts with `BEGIN
 //! IMMEDIATE`: it takes SQLite's write lock up front, so several processes on
 //! one database serialise (waiting up to the busy timeout) instead of failing
 //! a deferred transaction's lock upgrade.
 
+mod catalog;
 mod delivery;
 mod group_commit;
 mod polls;
@@ -18,6 +25,7 @@ mod queue;
 mod timers;
 
 use std::str::FromStr;
+use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
@@ -28,8 +36,8 @@ use sqlx::sqlite::{
 use tinyfat_core::{AgentId, AgentName, EmailAddress, KeyId, SealedSecret, SenderPattern};
 
 use crate::{
-    Agent, ApiToken, DeletedRows, MetadataStore, NewAgent, QueuePolicy, Result, SecretInfo, StoreError, StoredSecret,
-    User,
+    Agent, AgentView, ApiToken, DeletedRows, MetadataStore, NewAgent, QueuePolicy, Result, SecretInfo, StoreError,
+    StoredSecret, User,
 };
 
 static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations/sqlite");
@@ -38,6 +46,11 @@ const POOL_CONNECTIONS_MAX: u32 = 8;
 const BUSY_TIMEOUT: Duration = Duration::from_secs(10);
 /// Starts a write transaction that holds SQLite's write lock from the start.
 const BEGIN_IMMEDIATE: &str = "BEGIN IMMEDIATE";
+/// SQLite checkpoints inside a commit only past this many WAL pages (40 MB);
+/// normally the background checkpointer keeps the WAL far smaller.
+const WAL_AUTOCHECKPOINT_PAGES: u32 = 10_000;
+/// A WAL file left larger than this after a checkpoint is truncated.
+const WAL_SIZE_LIMIT_BYTES: u64 = 64 * 1024 * 1024;
 
 /// A handle on one SQLite database. Clones share the pool and the enqueue
 /// writer task; the writer stops when the last clone is dropped.
@@ -47,6 +60,7 @@ pub struct SqliteStore {
     url: String,
     policy: QueuePolicy,
     writer: group_commit::Writer,
+    catalog: Arc<catalog::Catalog>,
 }
 
 impl SqliteStore {
@@ -64,10 +78,13 @@ impl SqliteStore {
             .journal_mode(SqliteJournalMode::Wal)
             .synchronous(SqliteSynchronous::Full)
             .foreign_keys(true)
-            .busy_timeout(BUSY_TIMEOUT);
-        let pool = SqlitePoolOptions::new().max_connections(POOL_CONNECTIONS_MAX).connect_with(options).await?;
-        let writer = group_commit::Writer::spawn(pool.clone(), policy);
-        Ok(Self { pool, url: url.to_owned(), policy, writer })
+            .busy_timeout(BUSY_TIMEOUT)
+            .pragma("wal_autocheckpoint", WAL_AUTOCHECKPOINT_PAGES.to_string())
+            .pragma("journal_size_limit", WAL_SIZE_LIMIT_BYTES.to_string());
+        let pool = SqlitePoolOptions::new().max_connections(POOL_CONNECTIONS_MAX).connect_with(options.clone()).await?;
+        let catalog = Arc::new(catalog::Catalog::default());
+        let writer = group_commit::Writer::spawn(options, pool.clone(), policy, Arc::clone(&catalog));
+        Ok(Self { pool, url: url.to_owned(), policy, writer, catalog })
     }
 
     pub fn pool(&self) -> &SqlitePool {
@@ -88,6 +105,36 @@ impl SqliteStore {
         tx.commit().await?;
         answer
     }
+
+    /// Reads an agent and its senders in one snapshot, tagged with the
+    /// catalog version of that snapshot.
+    async fn read_agent_view(&self, id_or_name: &str) -> Result<Option<AgentView>> {
+        let by = if AgentId::parse(id_or_name).is_ok() { "a.id" } else { "a.name" };
+        let mut tx = self.pool.begin().await?;
+        let catalog_version: i64 =
+            sqlx::query_scalar("SELECT version FROM catalog_version WHERE id = 1").fetch_one(&mut *tx).await?;
+        let sql = format!("SELECT {AGENT_COLUMNS} FROM agents a JOIN users u ON u.id = a.owner_id WHERE {by} = ?");
+        let row = sqlx::query(sqlx::AssertSqlSafe(sql)).bind(id_or_name).fetch_optional(&mut *tx).await?;
+        let Some(agent) = row.as_ref().map(agent_from_row).transpose()? else {
+            return Ok(None);
+        };
+        let senders = senders_of(&mut tx, &agent.id).await?;
+        tx.commit().await?;
+        Ok(Some(AgentView { agent, senders, catalog_version }))
+    }
+}
+
+async fn senders_of(conn: &mut sqlx::SqliteConnection, agent: &AgentId) -> Result<Vec<SenderPattern>> {
+    let rows = sqlx::query("SELECT pattern FROM allowed_senders WHERE agent_id = ? ORDER BY pattern")
+        .bind(agent.as_str())
+        .fetch_all(&mut *conn)
+        .await?;
+    rows.iter()
+        .map(|row| {
+            let text: String = row.try_get("pattern")?;
+            SenderPattern::parse(&text).map_err(|e| StoreError::Corrupt(e.to_string()))
+        })
+        .collect()
 }
 
 const AGENT_COLUMNS: &str = "a.id, a.name, a.email, a.owner_id, u.email AS owner_email, a.model, a.created_ms";
@@ -241,6 +288,7 @@ impl MetadataStore for SqliteStore {
             .bind(id.as_str())
             .execute(&self.pool)
             .await?;
+        self.catalog.clear();
         if done.rows_affected() == 0 {
             return Err(StoreError::NotFound(id.to_string()));
         }
@@ -263,6 +311,7 @@ impl MetadataStore for SqliteStore {
         let timers = delete("DELETE FROM timers WHERE agent_id = ?").await?;
         let agents = delete("DELETE FROM agents WHERE id = ?").await?;
         tx.commit().await?;
+        self.catalog.clear();
         Ok(DeletedRows { agents, senders, secrets, jobs, dead_letters, deliveries, usage_days, timers })
     }
 
@@ -276,6 +325,7 @@ impl MetadataStore for SqliteStore {
         .bind(now_ms)
         .execute(&self.pool)
         .await?;
+        self.catalog.clear();
         Ok(done.rows_affected() == 1)
     }
 
@@ -285,20 +335,25 @@ impl MetadataStore for SqliteStore {
             .bind(pattern.to_string())
             .execute(&self.pool)
             .await?;
+        self.catalog.clear();
         Ok(done.rows_affected() == 1)
     }
 
     async fn list_senders(&self, agent: &AgentId) -> Result<Vec<SenderPattern>> {
-        let rows = sqlx::query("SELECT pattern FROM allowed_senders WHERE agent_id = ? ORDER BY pattern")
-            .bind(agent.as_str())
-            .fetch_all(&self.pool)
-            .await?;
-        rows.iter()
-            .map(|row| {
-                let text: String = row.try_get("pattern")?;
-                SenderPattern::parse(&text).map_err(|e| StoreError::Corrupt(e.to_string()))
-            })
-            .collect()
+        senders_of(&mut *self.pool.acquire().await?, agent).await
+    }
+
+    async fn agent_view(&self, id_or_name: &str, fresh: bool) -> Result<Option<Arc<AgentView>>> {
+        if !fresh && let Some(view) = self.catalog.get(id_or_name) {
+            return Ok(Some(view));
+        }
+        let generation = self.catalog.generation();
+        let Some(view) = self.read_agent_view(id_or_name).await? else {
+            return Ok(None);
+        };
+        let view = Arc::new(view);
+        self.catalog.remember(id_or_name, Arc::clone(&view), generation);
+        Ok(Some(view))
     }
 
     async fn put_secret(&self, agent: &AgentId, name: &str, sealed: &SealedSecret, now_ms: i64) -> Result<()> {

@@ -1,12 +1,21 @@
 //! The enqueue writer: group commit for SQLite.
 //!
-//! One task per store owns every enqueue. Callers put their job on a bounded
+//! One task per store owns every enqueue, on a connection of its own (no
+//! wait for the pool the readers share). Callers put their job on a bounded
 //! channel and wait on a oneshot. The task takes everything waiting (up to
 //! `enqueue_batch_max`), writes it in ONE `BEGIN IMMEDIATE` transaction with
 //! a fixed number of statements (the batch travels as a JSON array),
 //! commits (one WAL fsync under `synchronous = FULL`), and only then answers
 //! each caller. Batches form by themselves: while one commit is syncing, the
 //! next callers queue up, so there is no timer and no added latency when idle.
+//!
+//! Inside each transaction the task reads `catalog_version`: a job enqueued
+//! with `enqueue_checked` under another version is answered
+//! `CatalogChanged` and left out of the batch (see `catalog.rs`).
+//!
+//! After commits, a checkpointer task runs `wal_checkpoint(PASSIVE)` on the
+//! pool at most every `CHECKPOINT_EVERY`, so copying the WAL into the
+//! database (and its fsync) never sits inside an acknowledged commit.
 //!
 //! Invariants: a caller is answered `Ok` only after the commit that holds its
 //! job returned; if a batch fails, every caller in it gets the error and none
@@ -17,13 +26,19 @@
 
 use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
+use std::time::Duration;
 
 use serde::Serialize;
-use sqlx::sqlite::{SqliteConnection, SqlitePool};
-use tokio::sync::{mpsc, oneshot};
+use sqlx::sqlite::{SqliteConnectOptions, SqliteConnection, SqlitePool};
+use sqlx::{ConnectOptions, Connection};
+use tokio::sync::{mpsc, oneshot, watch};
 
 use super::BEGIN_IMMEDIATE;
+use super::catalog::Catalog;
 use crate::{Enqueued, NewJob, QueuePolicy, Result, StoreError};
+
+/// Least time between two background checkpoints.
+const CHECKPOINT_EVERY: Duration = Duration::from_millis(100);
 
 /// Most expired dedup keys one purge deletes: bounded work on the commit
 /// path, and twice the largest batch, so purging outpaces expiry.
@@ -35,6 +50,8 @@ const DEDUP_PURGE_EVERY_BATCHES: u32 = 64;
 struct Request {
     job: NewJob,
     now_ms: i64,
+    /// `enqueue_checked`: the catalog version the caller admitted the job at.
+    catalog_version: Option<i64>,
     reply: oneshot::Sender<Result<Enqueued>>,
 }
 
@@ -45,29 +62,55 @@ pub(crate) struct Writer {
 }
 
 impl Writer {
-    pub(crate) fn spawn(pool: SqlitePool, policy: QueuePolicy) -> Self {
+    /// Starts the writer (its own connection, opened with `options`) and
+    /// the checkpointer (on `pool`); both stop with the last `Writer` clone.
+    pub(crate) fn spawn(
+        options: SqliteConnectOptions,
+        pool: SqlitePool,
+        policy: QueuePolicy,
+        catalog: Arc<Catalog>,
+    ) -> Self {
         let (tx, rx) = mpsc::channel(policy.enqueue_pending_max.max(1));
-        tokio::spawn(run(pool, rx, policy));
+        let (committed, commits) = watch::channel(());
+        tokio::spawn(run(options, rx, policy, catalog, committed));
+        tokio::spawn(checkpoint(pool, commits));
         Self { tx }
     }
 
-    pub(crate) async fn enqueue(&self, job: NewJob, now_ms: i64) -> Result<Enqueued> {
+    pub(crate) async fn enqueue(&self, job: NewJob, now_ms: i64, catalog_version: Option<i64>) -> Result<Enqueued> {
         job.validate()?;
         let (reply, answer) = oneshot::channel();
-        self.tx.send(Request { job, now_ms, reply }).await.map_err(|_| StoreError::Closed)?;
+        self.tx.send(Request { job, now_ms, catalog_version, reply }).await.map_err(|_| StoreError::Closed)?;
         answer.await.map_err(|_| StoreError::Closed)?
     }
 }
 
 /// Runs until every `Writer` clone is gone and the channel is drained.
-async fn run(pool: SqlitePool, mut rx: mpsc::Receiver<Request>, policy: QueuePolicy) {
+async fn run(
+    options: SqliteConnectOptions,
+    mut rx: mpsc::Receiver<Request>,
+    policy: QueuePolicy,
+    catalog: Arc<Catalog>,
+    committed: watch::Sender<()>,
+) {
     let batch_max = policy.enqueue_batch_max.max(1);
     let mut batch = Vec::with_capacity(batch_max);
     let mut batches_to_purge = 0;
+    let mut conn: Option<SqliteConnection> = None;
     while rx.recv_many(&mut batch, batch_max).await > 0 {
         let purge = batches_to_purge == 0;
-        match write_batch(&pool, &batch, policy.dedup_ttl_ms, purge).await {
-            Ok((answers, purged)) => {
+        let written = match connection(&mut conn, &options).await {
+            Ok(conn) => write_batch(conn, &batch, policy.dedup_ttl_ms, purge).await,
+            Err(error) => Err(error),
+        };
+        if written.is_err() {
+            // Opened again for the next batch, in case this one is broken.
+            conn = None;
+        }
+        match written {
+            Ok((answers, purged, version)) => {
+                catalog.observe(version);
+                committed.send_replace(());
                 if purge {
                     batches_to_purge = if purged < DEDUP_PURGE_MAX as u64 { DEDUP_PURGE_EVERY_BATCHES } else { 0 };
                 } else {
@@ -90,26 +133,60 @@ async fn run(pool: SqlitePool, mut rx: mpsc::Receiver<Request>, policy: QueuePol
     }
 }
 
+async fn connection<'c>(
+    conn: &'c mut Option<SqliteConnection>,
+    options: &SqliteConnectOptions,
+) -> Result<&'c mut SqliteConnection, sqlx::Error> {
+    if conn.is_none() {
+        *conn = Some(options.connect().await?);
+    }
+    Ok(conn.as_mut().expect("opened above"))
+}
+
+/// Checkpoints (PASSIVE: never waits for, nor blocks, the writer or a
+/// reader) after commits, at most every `CHECKPOINT_EVERY`, until the
+/// writer stops.
+async fn checkpoint(pool: SqlitePool, mut commits: watch::Receiver<()>) {
+    while commits.changed().await.is_ok() {
+        if let Err(error) = sqlx::query("PRAGMA wal_checkpoint(PASSIVE)").execute(&pool).await {
+            tracing::debug!(%error, "background WAL checkpoint failed; the next commit retries it");
+        }
+        tokio::time::sleep(CHECKPOINT_EVERY).await;
+    }
+}
+
 /// One transaction for the whole batch, in a fixed number of statements:
 /// the batch goes to SQLite as one JSON array (`json_each`), so a batch of
 /// 256 costs about as many round trips as a batch of 1. With `purge`, also
-/// deletes expired dedup keys and says how many. The outer error fails the
-/// batch; an inner error belongs to one caller (its job id was taken).
+/// deletes expired dedup keys and says how many. Answers the catalog version
+/// the transaction saw. The outer error fails the batch; an inner error
+/// belongs to one caller (its job id was taken, or its catalog view is stale).
 async fn write_batch(
-    pool: &SqlitePool,
+    conn: &mut SqliteConnection,
     batch: &[Request],
     dedup_ttl_ms: i64,
     purge: bool,
-) -> Result<(Vec<Result<Enqueued>>, u64), sqlx::Error> {
-    let mut tx = pool.begin_with(BEGIN_IMMEDIATE).await?;
+) -> Result<(Vec<Result<Enqueued>>, u64, i64), sqlx::Error> {
+    let mut tx = conn.begin_with(BEGIN_IMMEDIATE).await?;
+    let version: i64 =
+        sqlx::query_scalar("SELECT version FROM catalog_version WHERE id = 1").fetch_one(&mut *tx).await?;
     let mut answers: Vec<Option<Result<Enqueued>>> = batch.iter().map(|_| None).collect();
+    let mut admitted = Vec::with_capacity(batch.len());
+    for (i, request) in batch.iter().enumerate() {
+        if request.catalog_version.is_some_and(|v| v != version) {
+            answers[i] = Some(Err(StoreError::CatalogChanged));
+        } else {
+            admitted.push(i);
+        }
+    }
+    let several = admitted.len() > 1;
     // A key or id that repeats an earlier one of this batch goes one by one
     // after the bulk insert, so it sees that insert's rows.
     let (mut keys, mut ids) = (HashSet::new(), HashSet::new());
     // A batch of one takes the one-by-one path too: two plain statements.
-    let (bulk, one_by_one): (Vec<usize>, Vec<usize>) = (0..batch.len()).partition(|&i| {
+    let (bulk, one_by_one): (Vec<usize>, Vec<usize>) = admitted.into_iter().partition(|&i| {
         let job = &batch[i].job;
-        (keys.insert(job.dedup_key.as_str()) & ids.insert(job.id.as_str())) && batch.len() > 1
+        (keys.insert(job.dedup_key.as_str()) & ids.insert(job.id.as_str())) && several
     });
     if !bulk.is_empty() {
         insert_bulk(&mut tx, batch, &bulk, dedup_ttl_ms, &mut answers).await?;
@@ -134,7 +211,7 @@ async fn write_batch(
     tx.commit().await?;
     // Every index went through the bulk or the one-by-one path above.
     let missing = || Err(StoreError::Corrupt("a batched enqueue got no answer".to_owned()));
-    Ok((answers.into_iter().map(|a| a.unwrap_or_else(missing)).collect(), purged))
+    Ok((answers.into_iter().map(|a| a.unwrap_or_else(missing)).collect(), purged, version))
 }
 
 /// One job as a row of the JSON array `insert_bulk` binds.
@@ -180,6 +257,7 @@ async fn insert_bulk(
     dedup_ttl_ms: i64,
     answers: &mut [Option<Result<Enqueued>>],
 ) -> Result<(), sqlx::Error> {
+    let rows = bulk_json(batch, bulk, dedup_ttl_ms);
     // Take each key, or take it over once expired (the row's own time is
     // `expires - ttl`); RETURNING names the keys this batch now holds.
     let taken: HashSet<String> = sqlx::query_scalar(
@@ -189,7 +267,7 @@ async fn insert_bulk(
          expires_ms = excluded.expires_ms WHERE job_dedup.expires_ms <= excluded.expires_ms - ?2 \
          RETURNING key",
     )
-    .bind(bulk_json(batch, bulk, dedup_ttl_ms))
+    .bind(rows.as_str())
     .bind(dedup_ttl_ms)
     .fetch_all(&mut *conn)
     .await?
@@ -227,7 +305,8 @@ async fn insert_bulk(
          FROM json_each(?1) WHERE true \
          ON CONFLICT (id) DO NOTHING RETURNING id",
     )
-    .bind(bulk_json(batch, &fresh, dedup_ttl_ms))
+    // Usually every key was free: the same array serves again.
+    .bind(if fresh.len() == bulk.len() { rows } else { bulk_json(batch, &fresh, dedup_ttl_ms) })
     .fetch_all(&mut *conn)
     .await?
     .into_iter()

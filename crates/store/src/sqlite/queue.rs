@@ -180,7 +180,11 @@ async fn claim_agent(
 #[async_trait]
 impl JobQueue for SqliteStore {
     async fn enqueue(&self, job: NewJob, now_ms: i64) -> Result<Enqueued> {
-        self.writer.enqueue(job, now_ms).await
+        self.writer.enqueue(job, now_ms, None).await
+    }
+
+    async fn enqueue_checked(&self, job: NewJob, now_ms: i64, catalog_version: i64) -> Result<Enqueued> {
+        self.writer.enqueue(job, now_ms, Some(catalog_version)).await
     }
 
     async fn claim_next(&self, owner: &str, now_ms: i64, lease_ms: i64) -> Result<Option<Claim>> {
