@@ -530,3 +530,34 @@ async fn connections_over_the_limit_get_421() {
     // The slot is free again.
     assert_eq!(codes(&env.smtp(json!([{"op": "ehlo"}, {"op": "quit"}]))), [220, 250, 221]);
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn mail_to_start_over_smtp_provisions_an_agent_when_self_provisioning_is_on() {
+    let env = env().await;
+    // Off (the default): start@ is no mailbox.
+    {
+        let _server = Server::start(&env, &[]);
+        let file = env.message("start-off.eml", Some("<start-off@newcomer.example>"), "hi");
+        let replies = env.send(&["start@tinyfat.localhost"], &file);
+        assert_eq!(codes(&replies)[3], 550, "{replies:?}");
+    }
+    let _server = Server::start(&env, &[("TINYFAT_PROVISIONING_ALLOW", "@newcomer.example")]);
+    let text = "From: Bob <bob@newcomer.example>\r\nTo: start@tinyfat.localhost\r\nSubject: start\r\n\
+                Message-ID: <start-1@newcomer.example>\r\nDate: Wed, 25 Nov 2026 12:00:00 +0000\r\n\r\nhello\r\n";
+    let path = env._tmp.path().join("start.eml");
+    std::fs::write(&path, text).unwrap();
+    let steps = json!([
+        {"op": "ehlo"}, {"op": "mail", "from": "bob@newcomer.example"},
+        {"op": "rcpt", "to": "start@tinyfat.localhost"}, {"op": "data", "file": path.display().to_string()},
+        {"op": "quit"}
+    ]);
+    assert_eq!(codes(&env.smtp(steps)), [220, 250, 250, 250, 250, 221]);
+
+    // The start job creates Bob's agent and welcomes him from start@.
+    let emails = env.wait_for_emails(1).await;
+    let welcome = emails.iter().find(|e| e["to"][0] == "bob@newcomer.example").expect("a welcome to bob");
+    assert!(welcome["from"].as_str().unwrap().contains("start@tinyfat.localhost"), "{welcome}");
+    let agents = cli(&env.data, &["agent", "list"]);
+    let owners: Vec<&str> = agents.as_array().unwrap().iter().filter_map(|a| a["owner"].as_str()).collect();
+    assert!(owners.contains(&"bob@newcomer.example"), "{agents}");
+}

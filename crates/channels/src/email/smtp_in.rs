@@ -27,11 +27,16 @@ pub fn message_id(raw: &[u8]) -> Option<String> {
 /// message}` when it has no Message-ID: a sender's retry of a message we
 /// already acknowledged enqueues nothing new.
 pub fn dedup_key(agent: &AgentId, raw: &[u8]) -> String {
+    dedup_key_for(agent.as_str(), raw)
+}
+
+/// [`dedup_key`] for any scope (an agent id, or `start` for start@).
+pub fn dedup_key_for(scope: &str, raw: &[u8]) -> String {
     let id = message_id(raw).unwrap_or_else(|| {
         let digest = Sha256::digest(raw);
         digest.iter().map(|b| format!("{b:02x}")).collect()
     });
-    format!("smtp:{agent}:{id}")
+    format!("smtp:{scope}:{id}")
 }
 
 /// The extensions the listener offers, for the EHLO reply.

@@ -5,8 +5,10 @@
 //! `gateway.email_body_bytes_max` while it is read (552, nothing kept).
 //!
 //! A recipient is accepted only if it is a known agent's address (else
-//! `550 5.1.1`); `start@{email.domain}` is refused too until provisioning by
-//! email exists. After DATA, one `email` job per agent recipient is enqueued
+//! `550 5.1.1`); `start@{email.domain}` is accepted when self-provisioning
+//! is on (`provisioning.allow` not empty) and becomes a start request
+//! (`provision::enqueue_start`, dedup `smtp:start:{Message-ID or SHA-256}`),
+//! whose job checks the sender like any mail. After DATA, one `email` job per agent recipient is enqueued
 //! through `email::enqueue_raw_email` (dedup `smtp:{agent_id}:{Message-ID}`,
 //! or the SHA-256 of the message), and `250` is answered only after every
 //! one of them is committed; a store error answers `451 4.3.0` so the
@@ -232,6 +234,8 @@ struct Session<'a> {
     mail_from: Option<String>,
     /// Agent recipients, each agent once, with the address it was named by.
     recipients: Vec<(Agent, EmailAddress)>,
+    /// `start@` was a recipient (self-provisioning on).
+    start_requested: bool,
     rcpt_count: usize,
     errors: u32,
 }
@@ -247,6 +251,7 @@ impl<'a> Session<'a> {
             helo: None,
             mail_from: None,
             recipients: Vec::new(),
+            start_requested: false,
             rcpt_count: 0,
             errors: 0,
         }
@@ -255,6 +260,7 @@ impl<'a> Session<'a> {
     fn reset_transaction(&mut self) {
         self.mail_from = None;
         self.recipients.clear();
+        self.start_requested = false;
         self.rcpt_count = 0;
     }
 
@@ -405,8 +411,15 @@ impl<'a> Session<'a> {
         let Ok(address) = EmailAddress::parse(address) else {
             return "501 5.1.3 Bad recipient address syntax".to_owned();
         };
-        // Any other address, other domains and start@ included (provisioning
-        // by email is not wired to this listener yet), is no mailbox here.
+        let settings = &self.state.platform.settings;
+        if !settings.provisioning.allow.is_empty()
+            && super::provision::is_start_address(&settings.email.domain, &address)
+        {
+            self.rcpt_count += 1;
+            self.start_requested = true;
+            return "250 2.1.5 OK".to_owned();
+        }
+        // Any other address (other domains included) is no mailbox here.
         let agent = match self.state.platform.store.agent_by_email(&address).await {
             Ok(Some(agent)) => agent,
             Ok(None) => return "550 5.1.1 No such mailbox".to_owned(),
@@ -482,6 +495,13 @@ impl<'a> Session<'a> {
                     .await
             {
                 tracing::error!(agent = %agent.name, error = %e, "SMTP: enqueueing a message failed; the sender will retry");
+                return "451 4.3.0 Temporary failure, try again later".to_owned();
+            }
+        }
+        if self.start_requested {
+            let dedup_key = smtp_in::dedup_key_for("start", raw);
+            if let Err(e) = super::provision::enqueue_start(self.state, raw, Some(envelope), dedup_key).await {
+                tracing::error!(error = %e, "SMTP: enqueueing a start request failed; the sender will retry");
                 return "451 4.3.0 Temporary failure, try again later".to_owned();
             }
         }
