@@ -29,6 +29,7 @@
 
 use chrono::{DateTime, Utc};
 use serde_json::{Value, json};
+use tinyfat_channels::email::outbound::Mailbox;
 use tinyfat_channels::email::{outbound, outbox_file};
 use tinyfat_storage::Workspace;
 use tinyfat_store::{Agent, Delivery, DeliveryState, Lease};
@@ -95,7 +96,8 @@ async fn record(state: &AppState, agent: &Agent, row: &Delivery) -> Vec<u8> {
         "attachments": body.attachments.iter().map(|p| json!({"path": p})).collect::<Vec<_>>(),
         "delivery_id": row.id,
     });
-    let composed = match draft_for(state, agent, row, &body).await {
+    let from = Mailbox::new(Some(agent.name.as_str()), agent.email.clone());
+    let composed = match draft_for(state, from, row, &body).await {
         Ok(draft) => outbound::compose(draft, &row.id, &state.platform.settings.email.domain, at).ok(),
         Err(_) => None,
     };
