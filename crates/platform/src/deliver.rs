@@ -34,6 +34,8 @@ fn left_to_the_worker(delivery: &Delivery, now: i64) -> bool {
     let key = &delivery.idempotency_key;
     delivery.channel == "email"
         && delivery.attempts == 0
+        // The platform's own mail (provisioning) has no worker to send it.
+        && delivery.agent_id != crate::email::provision::platform_agent_id()
         && !key.starts_with("outbox:")
         && !key.starts_with("error:")
         && now - delivery.created_ms < INLINE_GRACE_MS

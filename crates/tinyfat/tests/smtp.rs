@@ -554,9 +554,11 @@ async fn mail_to_start_over_smtp_provisions_an_agent_when_self_provisioning_is_o
     assert_eq!(codes(&env.smtp(steps)), [220, 250, 250, 250, 250, 221]);
 
     // The start job creates Bob's agent and welcomes him from start@.
-    let emails = env.wait_for_emails(1).await;
-    let welcome = emails.iter().find(|e| e["to"][0] == "bob@newcomer.example").expect("a welcome to bob");
-    assert!(welcome["from"].as_str().unwrap().contains("start@tinyfat.localhost"), "{welcome}");
+    // A welcome from start@ and a hello from the new agent, both to Bob.
+    let emails = env.wait_for_emails(2).await;
+    assert!(emails.iter().all(|e| e["to"][0] == "bob@newcomer.example"), "{emails:?}");
+    assert!(emails.iter().any(|e| e["from"].as_str().unwrap().contains("start@tinyfat.localhost")), "{emails:?}");
+    assert!(emails.iter().any(|e| e["subject"].as_str().unwrap().starts_with("Hello from")), "{emails:?}");
     let agents = cli(&env.data, &["agent", "list"]);
     let owners: Vec<&str> = agents.as_array().unwrap().iter().filter_map(|a| a["owner"].as_str()).collect();
     assert!(owners.contains(&"bob@newcomer.example"), "{agents}");
