@@ -1,5 +1,5 @@
 //! Outbound email over SMTP (`email.provider = "smtp"`) against an
-//! independent SMTP server: aiosmtpd (`tests/peers/smtp_peer.py`, started per
+//! independent SMTP server: aiosmtpd (`tinyfat_testkit::SmtpPeer`, started per
 //! test on an ephemeral loopback port, AUTH required) that stores each
 //! message it accepts and can be told to answer 451, 550 or to drop the
 //! connection after storing (a lost 250). Covered: a reply threads under the
@@ -10,9 +10,8 @@
 //! filing resends with the same Message-ID; the password never reaches the
 //! logs or error texts.
 
-use std::io::{BufRead, BufReader, Write};
+use std::io::Write;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Mutex, OnceLock};
 
 use serde_json::{Value, json};
@@ -25,6 +24,7 @@ use tinyfat_platform::provision::CreateAgent;
 use tinyfat_platform::state::AppState;
 use tinyfat_storage::validate_path;
 use tinyfat_store::{Agent, Claim, DeliveryState, NewDelivery, NewJob};
+use tinyfat_testkit::SmtpPeer;
 
 const OWNER: &str = "alice@example.com";
 const USER: &str = "tinyfat-out";
@@ -33,65 +33,6 @@ const DOMAIN: &str = "agents.test";
 
 // ---------------------------------------------------------------------------
 // The peer: aiosmtpd in a child process.
-
-struct Peer {
-    child: Child,
-    port: u16,
-    dir: tempfile::TempDir,
-}
-
-impl Peer {
-    fn start() -> Peer {
-        let dir = tempfile::tempdir().unwrap();
-        let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/peers/smtp_peer.py");
-        let mut child = Command::new("python3")
-            .arg(&script)
-            .arg(dir.path())
-            .args([USER, PASSWORD])
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .spawn()
-            .expect("python3 runs (scripts/test installs aiosmtpd)");
-        let mut line = String::new();
-        BufReader::new(child.stdout.take().unwrap()).read_line(&mut line).unwrap();
-        let port = line.trim().parse().unwrap_or_else(|_| panic!("aiosmtpd did not start: {line:?}"));
-        Peer { child, port, dir }
-    }
-
-    /// The next DATA answers, in order ("451 …", "550 …", "drop").
-    fn reply_with(&self, lines: &[&str]) {
-        let mut f = std::fs::File::create(self.dir.path().join("replies")).unwrap();
-        for line in lines {
-            writeln!(f, "{line}").unwrap();
-        }
-    }
-
-    /// Messages stored so far: (raw bytes, envelope recipients).
-    fn messages(&self) -> Vec<(String, Vec<String>)> {
-        let mut out = Vec::new();
-        for n in 1.. {
-            let eml = self.dir.path().join(format!("msg-{n}.eml"));
-            let Ok(raw) = std::fs::read_to_string(&eml) else { break };
-            let meta: Value =
-                serde_json::from_slice(&std::fs::read(self.dir.path().join(format!("msg-{n}.json"))).unwrap()).unwrap();
-            let rcpt = meta["rcpt_tos"].as_array().unwrap().iter().map(|v| v.as_str().unwrap().to_owned()).collect();
-            out.push((raw, rcpt));
-        }
-        out
-    }
-
-    fn logins(&self) -> String {
-        std::fs::read_to_string(self.dir.path().join("auth.log")).unwrap_or_default()
-    }
-}
-
-impl Drop for Peer {
-    fn drop(&mut self) {
-        drop(self.child.stdin.take());
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
 
 // ---------------------------------------------------------------------------
 // Every log line of this test binary, at every level, for the password check.
@@ -132,11 +73,11 @@ struct Env {
     platform: Arc<Platform>,
     clock: ManualClock,
     agent: Agent,
-    peer: Peer,
+    peer: SmtpPeer,
     _dir: tempfile::TempDir,
 }
 
-fn settings(dir: &Path, peer: &Peer, password: &str) -> Settings {
+fn settings(dir: &Path, peer: &SmtpPeer, password: &str) -> Settings {
     let env = [
         ("TINYFAT_SANDBOX_MODE", "none".to_owned()),
         ("TINYFAT_EMAIL_REQUIRE_AUTH", "false".to_owned()),
@@ -160,7 +101,7 @@ async fn start() -> Env {
 
 async fn start_with_password(password: &str) -> Env {
     logs();
-    let peer = Peer::start();
+    let peer = SmtpPeer::start(USER, PASSWORD);
     let dir = tempfile::tempdir().unwrap();
     let mut platform = Platform::open(settings(dir.path(), &peer, password)).await.unwrap();
     let clock = ManualClock::new(chrono::Utc::now().timestamp_millis());

@@ -15,9 +15,11 @@ pub mod dovecot;
 pub mod resend;
 pub mod script;
 pub mod server;
+pub mod smtp_peer;
 mod wire;
 
 pub use dovecot::Dovecot;
 pub use resend::{FakeResend, ResendRequest};
 pub use script::{HttpError, Reply, Script, ScriptStop, ToolCall};
 pub use server::{Api, FakeModel, RecordedRequest};
+pub use smtp_peer::SmtpPeer;

@@ -1,73 +1,23 @@
 //! `tinyfat serve` as a real process sending email replies over SMTP to an
-//! independent server (aiosmtpd, `crates/platform/tests/peers/smtp_peer.py`),
+//! independent server (aiosmtpd, `tinyfat_testkit::SmtpPeer`),
 //! killed with `kill -9` while the server holds its 250: the documented
 //! outcome is at-least-once — after the restart the reply is resent with the
 //! same Message-ID `<{delivery_id}@{email.domain}>`, marked sent, and filed in
 //! `outbox/sent/` by the agent's next run. The server's logs (at trace level)
 //! never contain the SMTP password.
 
-use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, Command};
 use std::time::{Duration, Instant};
 
 use serde_json::{Value, json};
 use tinyfat_channels::email::svix;
-use tinyfat_testkit::{FakeModel, FakeResend, Script};
+use tinyfat_testkit::{FakeModel, FakeResend, Script, SmtpPeer};
 
 const BIN: &str = env!("CARGO_BIN_EXE_tinyfat");
 const SECRET: &str = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw";
 const PASSWORD: &str = "pw-Rr5-serve-never-logs-77";
 const DOMAIN: &str = "agents.test";
-
-struct Peer {
-    child: Child,
-    port: u16,
-    dir: tempfile::TempDir,
-}
-
-impl Peer {
-    fn start() -> Peer {
-        let dir = tempfile::tempdir().unwrap();
-        let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../platform/tests/peers/smtp_peer.py");
-        let mut child = Command::new("python3")
-            .arg(&script)
-            .arg(dir.path())
-            .args(["out", PASSWORD])
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .spawn()
-            .expect("python3 runs (scripts/test installs aiosmtpd)");
-        let mut line = String::new();
-        BufReader::new(child.stdout.take().unwrap()).read_line(&mut line).unwrap();
-        let port = line.trim().parse().unwrap_or_else(|_| panic!("aiosmtpd did not start: {line:?}"));
-        Peer { child, port, dir }
-    }
-
-    fn messages(&self) -> Vec<String> {
-        (1..).map_while(|n| std::fs::read_to_string(self.dir.path().join(format!("msg-{n}.eml"))).ok()).collect()
-    }
-
-    fn wait_for(&self, count: usize, within: Duration) -> Vec<String> {
-        let deadline = Instant::now() + within;
-        loop {
-            let messages = self.messages();
-            if messages.len() >= count {
-                return messages;
-            }
-            assert!(Instant::now() < deadline, "{} of {count} messages arrived", messages.len());
-            std::thread::sleep(Duration::from_millis(100));
-        }
-    }
-}
-
-impl Drop for Peer {
-    fn drop(&mut self) {
-        drop(self.child.stdin.take());
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
 
 struct Server {
     child: Child,
@@ -75,7 +25,7 @@ struct Server {
 }
 
 impl Server {
-    fn start(data: &Path, fake: &FakeModel, resend: &FakeResend, peer: &Peer, log: &Path) -> Server {
+    fn start(data: &Path, fake: &FakeModel, resend: &FakeResend, peer: &SmtpPeer, log: &Path) -> Server {
         let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
         let log = std::fs::OpenOptions::new().create(true).append(true).open(log).unwrap();
         let child = Command::new(BIN)
@@ -187,13 +137,13 @@ async fn kill_9_while_the_smtp_server_holds_its_250_resends_with_the_same_messag
     let log = tmp.path().join("serve.log");
     let fake = FakeModel::start().await;
     let resend = FakeResend::start().await;
-    let peer = Peer::start();
+    let peer = SmtpPeer::start("out", PASSWORD);
     let agent = cli(&data, &["agent", "create", "--owner", "ann@example.com", "--name", "mailer"]);
     let (agent_id, agent_email) = (agent["id"].as_str().unwrap(), agent["email"].as_str().unwrap());
     assert!(agent_email.ends_with(&format!("@{DOMAIN}")), "{agent_email}");
 
     // The first reply's SMTP transaction: stored by the server, the 250 held.
-    std::fs::write(peer.dir.path().join("replies"), "hold 30\n").unwrap();
+    peer.reply_with(&["hold 30"]);
     fake.push(Script::text("The numbers are fine."));
     let server = Server::start(&data, &fake, &resend, &peer, &log);
     server.webhook("msg_1", &inbound(&resend, agent_email, "em_1", "<q1@example.com>")).await;
@@ -204,11 +154,11 @@ async fn kill_9_while_the_smtp_server_holds_its_250_resends_with_the_same_messag
     // the reply goes out again with the same Message-ID.
     let server = Server::start(&data, &fake, &resend, &peer, &log);
     let messages = peer.wait_for(2, Duration::from_secs(150));
-    let id = header(&first[0], "Message-ID").expect("a Message-ID");
-    assert_eq!(header(&messages[1], "Message-ID"), Some(id.clone()), "resent with the same Message-ID");
+    let id = header(&first[0].0, "Message-ID").expect("a Message-ID");
+    assert_eq!(header(&messages[1].0, "Message-ID"), Some(id.clone()), "resent with the same Message-ID");
     assert!(id.ends_with(&format!("@{DOMAIN}>")), "{id}");
-    assert_eq!(header(&messages[1], "In-Reply-To").as_deref(), Some("<q1@example.com>"));
-    assert!(messages[1].contains("The numbers are fine."));
+    assert_eq!(header(&messages[1].0, "In-Reply-To").as_deref(), Some("<q1@example.com>"));
+    assert!(messages[1].0.contains("The numbers are fine."));
     assert_eq!(fake.requests().len(), 1, "the turn was not run again");
 
     // The agent's next run (a second mail) files the first reply, sent by
