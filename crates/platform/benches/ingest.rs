@@ -159,16 +159,27 @@ async fn main() {
     let trivial = format!("http://{addr}/trivial");
     let ingest_url = format!("http://{addr}/ingest/{}", agent.id);
 
-    println!("fdatasync of this disk before: {}", fsync_latency(tmp.path()));
+    // `TINYFAT_BENCH_PHASES=ingest64` (for a profiler) runs only the phases named:
+    // trivial2, ingest2, trivial64, ingest64, rate1000, rate5000, fsync.
+    let phases = std::env::var("TINYFAT_BENCH_PHASES").ok();
+    let run = |phase: &str| phases.as_deref().is_none_or(|p| p.split(',').any(|x| x == phase));
+    if run("fsync") {
+        println!("fdatasync of this disk before: {}", fsync_latency(tmp.path()));
+    }
     println!("saturation (wrk, 2 threads, 8 s):");
     for connections in [2, 64] {
-        let t = tokio::task::spawn_blocking({
-            let u = trivial.clone();
-            move || wrk(&u, connections, true)
-        })
-        .await
-        .unwrap();
-        println!("  trivial route, {connections:>2} connections: {t}");
+        if run(&format!("trivial{connections}")) {
+            let t = tokio::task::spawn_blocking({
+                let u = trivial.clone();
+                move || wrk(&u, connections, true)
+            })
+            .await
+            .unwrap();
+            println!("  trivial route, {connections:>2} connections: {t}");
+        }
+        if !run(&format!("ingest{connections}")) {
+            continue;
+        }
         let i = tokio::task::spawn_blocking({
             let u = ingest_url.clone();
             move || wrk(&u, connections, true)
@@ -180,10 +191,15 @@ async fn main() {
     let client = reqwest::Client::builder().pool_max_idle_per_host(256).build().unwrap();
     println!("fixed rate (open loop, 5 s):");
     for rate in [1000, 5000] {
+        if !run(&format!("rate{rate}")) {
+            continue;
+        }
         println!("  trivial route: {}", fixed_rate(&client, &trivial, rate, 5).await);
         println!("  durable ingest: {}", fixed_rate(&client, &ingest_url, rate, 5).await);
     }
-    println!("fdatasync of this disk after: {}", fsync_latency(tmp.path()));
+    if run("fsync") {
+        println!("fdatasync of this disk after: {}", fsync_latency(tmp.path()));
+    }
     let counts = platform.store.queue_counts(platform.now_ms()).await.unwrap();
     println!("jobs durably enqueued: {}", counts.queued);
 }

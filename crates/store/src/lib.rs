@@ -52,7 +52,14 @@ pub enum StoreError {
     /// A group commit failed; no job of that batch was stored. Retry later
     /// (a webhook answers 5xx so the provider retries).
     #[error("enqueue was not committed: {0}")]
-    Commit(#[source] Arc<sqlx::Error>),
+    Commit(#[source] Arc<dyn std::error::Error + Send + Sync>),
+    /// A batch was committed but the WAL fsync that makes it durable failed:
+    /// its jobs may not survive a crash. Retry (the dedup key makes that
+    /// safe); the writer refuses every later enqueue until the store is
+    /// opened again, because after a failed fsync the kernel may have
+    /// dropped the unsynced pages.
+    #[error("enqueue was committed but not made durable (WAL fsync failed): {0}")]
+    Sync(#[source] Arc<std::io::Error>),
     /// The enqueue writer task has stopped (the runtime is shutting down).
     #[error("the queue writer has stopped")]
     Closed,

@@ -81,9 +81,26 @@ impl SqliteStore {
             .busy_timeout(BUSY_TIMEOUT)
             .pragma("wal_autocheckpoint", WAL_AUTOCHECKPOINT_PAGES.to_string())
             .pragma("journal_size_limit", WAL_SIZE_LIMIT_BYTES.to_string());
-        let pool = SqlitePoolOptions::new().max_connections(POOL_CONNECTIONS_MAX).connect_with(options.clone()).await?;
+        let db = options.get_filename().to_owned();
+        if db.as_os_str().is_empty() || db == std::path::Path::new(":memory:") {
+            // The pool's connections and the enqueue writer's must share it.
+            return Err(StoreError::UnsupportedUrl(url.to_owned()));
+        }
+        let pool = SqlitePoolOptions::new().max_connections(POOL_CONNECTIONS_MAX).connect_with(options).await?;
         let catalog = Arc::new(catalog::Catalog::default());
-        let writer = group_commit::Writer::spawn(options, pool.clone(), policy, Arc::clone(&catalog));
+        let writer_config = group_commit::WriterConfig {
+            db,
+            busy_timeout: BUSY_TIMEOUT,
+            // The pool's pragmas; `synchronous = NORMAL` because the writer's
+            // syncer makes each batch durable before answering (see
+            // `group_commit`). `journal_mode = WAL` is stored in the file.
+            pragmas: format!(
+                "PRAGMA synchronous = NORMAL; PRAGMA foreign_keys = ON; \
+                 PRAGMA wal_autocheckpoint = {WAL_AUTOCHECKPOINT_PAGES}; \
+                 PRAGMA journal_size_limit = {WAL_SIZE_LIMIT_BYTES};"
+            ),
+        };
+        let writer = group_commit::Writer::spawn(writer_config, pool.clone(), policy, Arc::clone(&catalog)).await?;
         Ok(Self { pool, url: url.to_owned(), policy, writer, catalog })
     }
 
