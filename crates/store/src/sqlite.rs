@@ -82,7 +82,8 @@ impl SqliteStore {
             .pragma("wal_autocheckpoint", WAL_AUTOCHECKPOINT_PAGES.to_string())
             .pragma("journal_size_limit", WAL_SIZE_LIMIT_BYTES.to_string());
         let db = options.get_filename().to_owned();
-        if db.as_os_str().is_empty() || db == std::path::Path::new(":memory:") {
+        let in_memory = url.contains(":memory:") || url.contains("mode=memory");
+        if in_memory || db.as_os_str().is_empty() {
             // The pool's connections and the enqueue writer's must share it.
             return Err(StoreError::UnsupportedUrl(url.to_owned()));
         }
@@ -95,7 +96,7 @@ impl SqliteStore {
             // syncer makes each batch durable before answering (see
             // `group_commit`). `journal_mode = WAL` is stored in the file.
             pragmas: format!(
-                "PRAGMA synchronous = NORMAL; PRAGMA foreign_keys = ON; \
+                "PRAGMA synchronous = NORMAL; PRAGMA foreign_keys = ON; PRAGMA temp_store = MEMORY; PRAGMA cache_size = -16384; \
                  PRAGMA wal_autocheckpoint = {WAL_AUTOCHECKPOINT_PAGES}; \
                  PRAGMA journal_size_limit = {WAL_SIZE_LIMIT_BYTES};"
             ),

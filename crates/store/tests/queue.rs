@@ -209,6 +209,28 @@ async fn a_failed_batch_fails_every_caller_and_stores_nothing() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_wal_that_cannot_be_synced_fails_the_enqueue_and_every_later_one() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = open(&dir).await;
+    let a = agent(1);
+    put(&store, "j0", &a, "cli-main", 1).await;
+    // The WAL file vanishes under the open database (an operator's rm, a
+    // broken disk): what the writer commits now can no longer be made
+    // durable, so it must not be acknowledged.
+    std::fs::remove_file(dir.path().join("meta.db-wal")).unwrap();
+    let answer = store.enqueue(job("j1", "k1", &a, "cli-main"), 2).await;
+    assert!(matches!(answer, Err(StoreError::Sync(_))), "{answer:?}");
+    let later = store.enqueue(job("j2", "k2", &a, "cli-main"), 3).await;
+    assert!(matches!(later, Err(StoreError::Sync(_))), "after a failed sync nothing is acknowledged: {later:?}");
+}
+
+#[tokio::test]
+async fn an_in_memory_database_is_refused() {
+    let refused = SqliteStore::open("sqlite::memory:").await;
+    assert!(matches!(refused, Err(StoreError::UnsupportedUrl(_))), "{refused:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn concurrent_enqueuers_are_all_durable_and_deduplicated() {
     let dir = tempfile::tempdir().unwrap();
     let store = open(&dir).await;

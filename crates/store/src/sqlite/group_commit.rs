@@ -358,8 +358,8 @@ const KEY_HOLDER_SQL: &str = "SELECT job_id FROM job_dedup WHERE key = ?";
 /// refused for it alone), gives the key back. If the key had expired and was
 /// taken over, deleting it is what the expiry purge would have done.
 const RELEASE_KEY_SQL: &str = "DELETE FROM job_dedup WHERE key = ? AND job_id = ?";
-const PURGE_SQL: &str = "DELETE FROM job_dedup WHERE rowid IN \
-     (SELECT rowid FROM job_dedup WHERE expires_ms <= ? ORDER BY expires_ms LIMIT ?)";
+const PURGE_SQL: &str = "DELETE FROM job_dedup WHERE key IN \
+     (SELECT key FROM job_dedup WHERE expires_ms <= ? ORDER BY expires_ms LIMIT ?)";
 const CATALOG_VERSION_SQL: &str = "SELECT version FROM catalog_version WHERE id = 1";
 
 /// The values of one job in a `take_keys_sql` row.
