@@ -137,9 +137,15 @@ impl AppState {
     /// `stop` (SPEC §6): cancels the agent's running turn, in this process
     /// at once, or in any other through the store (its worker polls).
     pub async fn stop_text(&self, agent: &Agent) -> Result<String> {
+        let stopping = self.stop_running_turn(agent).await?;
+        Ok(if stopping { "Stopping." } else { "Nothing is running." }.to_owned())
+    }
+
+    /// Cancels the agent's running turn, if any; true when one was asked to
+    /// stop (it answers `Stopped.` itself).
+    pub async fn stop_running_turn(&self, agent: &Agent) -> Result<bool> {
         let here = self.runs.cancel(&agent.id);
-        let elsewhere = here || self.platform.store.request_cancel(&agent.id, self.platform.now_ms()).await?;
-        Ok(if here || elsewhere { "Stopping." } else { "Nothing is running." }.to_owned())
+        Ok(here || self.platform.store.request_cancel(&agent.id, self.platform.now_ms()).await?)
     }
 
     async fn agent_view(&self, agent: &Agent, fresh: bool) -> Result<std::sync::Arc<tinyfat_store::AgentView>> {

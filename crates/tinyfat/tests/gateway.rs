@@ -226,8 +226,20 @@ async fn bad_input_gets_a_clear_4xx_and_enqueues_nothing() {
     // Just over the 1 MiB cap: the server answers 413 without reading the
     // rest, and a small remainder fits the socket buffers (a far bigger body
     // can be cut off by the server's close before the client reads the 413).
+    // The server closes that connection after its 413; `connection: close`
+    // keeps the client from reusing it for the next request (a race).
     let huge = json!({"message": "x".repeat((1 << 20) + 1024)}).to_string();
-    assert_eq!(send(huge.into(), "application/json").await.unwrap().status(), 413);
+    let too_big = env
+        .http
+        .post(&url)
+        .bearer_auth(&env.token)
+        .header("content-type", "application/json")
+        .header("connection", "close")
+        .body(huge)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(too_big.status(), 413);
     assert_eq!(send("{\"message\": \"\"}".into(), "application/json").await.unwrap().status(), 400);
     let store = env.store().await;
     let id = tinyfat_core::AgentId::parse(&env.agent_id).unwrap();

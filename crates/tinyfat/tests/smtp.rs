@@ -277,6 +277,54 @@ async fn a_message_to_an_agent_is_accepted_and_answered_and_unknown_recipients_g
 }
 
 #[tokio::test(flavor = "multi_thread")]
+async fn a_stop_by_mail_cancels_the_running_turn_without_waiting_behind_it() {
+    let env = env().await;
+    let _server = Server::start(&env, &[]);
+    let deltas: Vec<String> = (0..20).map(|i| format!("chunk{i} ")).collect();
+    let deltas: Vec<&str> = deltas.iter().map(String::as_str).collect();
+    env.fake.push(Script::text_deltas(&deltas).with_chunk_delay(Duration::from_millis(300)));
+
+    let story = env.message("story.eml", Some("<story@example.com>"), "Tell me a long story.");
+    assert_eq!(codes(&env.send(&[AGENT], &story)), [220, 250, 250, 250, 250, 221]);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while env.fake.requests().is_empty() {
+        assert!(Instant::now() < deadline, "the turn never called the model");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+
+    // The stop mail's job would wait behind the 6 s turn (it needs the
+    // agent's lease); the listener stops the turn as the mail arrives.
+    let stop = env.message(
+        "stop.eml",
+        Some("<stop@example.com>"),
+        "Stop\r\n\r\nOn Wed, Alice wrote:\r\n> Tell me a long story.",
+    );
+    let sent_at = Instant::now();
+    assert_eq!(codes(&env.send(&[AGENT], &stop)), [220, 250, 250, 250, 250, 221]);
+    let emails = env.wait_for_emails(1).await;
+    let stopped_after = sent_at.elapsed();
+    let text = emails[0]["text"].as_str().unwrap();
+    assert!(text.starts_with("Stopped."), "the story's thread is told it stopped: {text:?}");
+    assert!(!text.contains("chunk19"), "{text:?}");
+    assert!(stopped_after < Duration::from_secs(4), "stop took {stopped_after:?}");
+
+    // The stop mail's own job runs after the turn and answers nothing more
+    // (no "Nothing is running." next to "Stopped.").
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let jobs = env.email_jobs().await;
+        if jobs.len() == 2 && jobs.iter().all(|j| j.state == tinyfat_store::JobState::Done) {
+            break;
+        }
+        assert!(Instant::now() < deadline, "the email jobs did not finish: {jobs:?}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(env.resend.emails().len(), 1, "{:?}", env.resend.emails());
+    assert_eq!(env.fake.requests().len(), 1, "the stop mail started no turn");
+}
+
+#[tokio::test(flavor = "multi_thread")]
 async fn an_oversized_message_gets_552_and_nothing_is_enqueued() {
     let env = env().await;
     let _server = Server::start(&env, &[]);

@@ -160,6 +160,11 @@ pub struct EmailJob {
     /// The SMTP envelope the message arrived with (SPF is checked on it).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub envelope: Option<JobEnvelope>,
+    /// A `stop` that cancelled the agent's running turn as it arrived,
+    /// before the queue (SPEC §6): the stopped turn answers `Stopped.`, so
+    /// this job answers nothing.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub stopped_turn: bool,
 }
 
 /// The SMTP session facts of a message our own listener received.
@@ -173,8 +178,11 @@ pub struct JobEnvelope {
 
 /// Enqueues a message the platform received whole (SMTP, IMAP) as an `email`
 /// job for `agent`; the sender checks run in the job, under the lease, like
-/// Resend's. Returns whether it was new (false: the dedup key was seen).
-/// The caller acknowledges the message only after this returns `Ok`.
+/// Resend's. One exception skips the queue (SPEC §6): a `stop` from an
+/// allowed, authenticated sender cancels the agent's running turn first
+/// (the job, queued behind that turn, then answers nothing). Returns
+/// whether it was new (false: the dedup key was seen). The caller
+/// acknowledges the message only after this returns `Ok`.
 pub async fn enqueue_raw_email(
     state: &AppState,
     agent: &Agent,
@@ -184,25 +192,68 @@ pub async fn enqueue_raw_email(
     envelope: Option<JobEnvelope>,
     dedup_key: String,
 ) -> anyhow::Result<bool> {
-    let enqueued = enqueue_raw(state, &agent.id, JOB_KIND_EMAIL, recipient, provider, raw, envelope, dedup_key).await?;
+    let stopped_turn = stop_before_queue(state, agent, provider, raw, envelope.as_ref()).await;
+    let raw_job = RawJob { kind: JOB_KIND_EMAIL, recipient, provider, raw, envelope, dedup_key, stopped_turn };
+    let enqueued = enqueue_raw(state, &agent.id, raw_job).await?;
     tracing::info!(agent = %agent.name, provider, job = %enqueued.job_id, duplicate = enqueued.duplicate, "inbound email enqueued");
     Ok(!enqueued.duplicate)
 }
 
-/// Enqueues a whole message as a job of `kind` (`email`, or `start` for the
-/// platform) carrying it base64 in an `EmailJob`.
-#[allow(clippy::too_many_arguments)]
+/// A message received whole, to enqueue as a job (`enqueue_raw`).
+pub(crate) struct RawJob<'a> {
+    /// `email`, or `start` for the platform.
+    pub kind: &'a str,
+    pub recipient: &'a EmailAddress,
+    pub provider: &'a str,
+    pub raw: &'a [u8],
+    pub envelope: Option<JobEnvelope>,
+    pub dedup_key: String,
+    pub stopped_turn: bool,
+}
+
+/// `stop` by mail skips the queue (SPEC §6): when `raw` is a `stop` (the
+/// first line above the quote) from a sender the job's own checks would
+/// admit, cancels the agent's running turn now. True when a turn was asked
+/// to stop. Anything else (not a stop, a sender refused, a store error) is
+/// false and left to the job.
+async fn stop_before_queue(
+    state: &AppState,
+    agent: &Agent,
+    provider: &str,
+    raw: &[u8],
+    envelope: Option<&JobEnvelope>,
+) -> bool {
+    let Ok(email) = inbound::parse(raw, &inbound_limits(state)) else {
+        return false;
+    };
+    if command_of(&email) != Some(Command::Stop) {
+        return false;
+    }
+    match sender_admitted(state, agent, provider, Some(raw), envelope, &email).await {
+        Ok(true) => {}
+        Ok(false) | Err(_) => return false,
+    }
+    match state.stop_running_turn(agent).await {
+        Ok(stopped) => {
+            tracing::info!(agent = %agent.name, provider, stopped, "stop by email, before the queue");
+            stopped
+        }
+        Err(error) => {
+            tracing::warn!(agent = %agent.name, %error, "stop by email could not reach the running turn");
+            false
+        }
+    }
+}
+
+/// Enqueues a whole message as a job of `job.kind` carrying it base64 in an
+/// `EmailJob`.
 pub(crate) async fn enqueue_raw(
     state: &AppState,
     agent_id: &tinyfat_core::AgentId,
-    kind: &str,
-    recipient: &EmailAddress,
-    provider: &str,
-    raw: &[u8],
-    envelope: Option<JobEnvelope>,
-    dedup_key: String,
+    job: RawJob<'_>,
 ) -> anyhow::Result<tinyfat_store::Enqueued> {
     use base64::Engine as _;
+    let RawJob { kind, recipient, provider, raw, envelope, dedup_key, stopped_turn } = job;
     let limits = InboundLimits::default();
     // Only for the session id and the log: the job parses it again.
     let header = inbound::parse(raw, &limits).ok();
@@ -219,6 +270,7 @@ pub(crate) async fn enqueue_raw(
         created_at: None,
         raw_b64: Some(base64::engine::general_purpose::STANDARD.encode(raw)),
         envelope,
+        stopped_turn,
     };
     let job = NewJob {
         id: tinyfat_core::ids::new_ulid_string(ulid::Ulid::new()),
@@ -400,6 +452,7 @@ async fn resend_webhook(State(state): State<AppState>, headers: HeaderMap, body:
             created_at: notice.created_at,
             raw_b64: None,
             envelope: None,
+            stopped_turn: false,
         };
         let job = NewJob {
             id: tinyfat_core::ids::new_ulid_string(ulid::Ulid::new()),
@@ -480,12 +533,18 @@ pub async fn prepare_email_job_detailed(
     let Some((session, dedup_key, payload, command)) = fetch_and_check(state, agent, job).await? else {
         return Ok(None);
     };
+    if command == Some(Command::Stop) && stopped_before_queue(job) {
+        // The turn it stopped answers `Stopped.` in its own thread.
+        tracing::info!(agent = %agent.name, job = %job.id, "stop by email already stopped the running turn");
+        return Ok(None);
+    }
     let store = &state.platform.store;
     // `stop` and `/status` are answered at once, threaded, without a turn.
     let answer = match command {
-        // This job holds the agent's lease, so no turn of the agent runs now
-        // (a `stop` mail waits behind the turn it meant to stop; the SMTP
-        // listener and IMAP poller could see it before the queue: later).
+        // This job holds the agent's lease, so no turn of the agent runs
+        // now. (SMTP and IMAP stop a running turn before the queue, see
+        // `enqueue_raw_email`; a stop through Resend's webhook, whose body is
+        // fetched only here, waits behind the turn it meant to stop.)
         Some(Command::Stop) => Some("Nothing is running.".to_owned()),
         Some(Command::Status) => {
             Some(state.status_text(agent).await.map_err(|e| PrepareError::Transient(e.to_string()))?)
@@ -531,6 +590,11 @@ pub async fn prepare_email_job_detailed(
     Ok(None)
 }
 
+/// Whether the `email` job is a `stop` that cancelled a turn on arrival.
+fn stopped_before_queue(job: &Job) -> bool {
+    serde_json::from_str::<EmailJob>(&job.payload).is_ok_and(|meta| meta.stopped_turn)
+}
+
 /// A command that skips the turn (SPEC §6), from the first line above the quote.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum Command {
@@ -546,6 +610,42 @@ fn command_of(email: &InboundEmail) -> Option<Command> {
     first.eq_ignore_ascii_case("/status").then_some(Command::Status)
 }
 
+/// The sender checks of an inbound mail (SPEC §8), each refusal logged:
+/// not a loop, an allowed sender, and authenticated (for IMAP, the mailbox
+/// provider's verdict when it is from the configured authserv-id;
+/// otherwise our own checks on `raw`).
+async fn sender_admitted(
+    state: &AppState,
+    agent: &Agent,
+    provider: &str,
+    raw: Option<&[u8]>,
+    envelope: Option<&JobEnvelope>,
+    email: &InboundEmail,
+) -> Result<bool, PrepareError> {
+    if let Some(reason) = loop_reason(state, email).await? {
+        tracing::info!(agent = %agent.name, from = %email.from, reason = %reason, "inbound email not answered (loop)");
+        return Ok(false);
+    }
+    let rules =
+        state.platform.store.list_senders(&agent.id).await.map_err(|e| PrepareError::Transient(e.to_string()))?;
+    if !is_allowed(&rules, &email.sender()) {
+        state.metrics.rejected_senders_total.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        tracing::warn!(
+            agent = %agent.name,
+            sender = %email.from,
+            "email from a sender that is not allowed was dropped; to admit it run: tinyfat agent allow {} {}",
+            agent.name,
+            email.from
+        );
+        return Ok(false);
+    }
+    let trusted = match raw {
+        Some(raw) => imap::trusted_verdict(state, agent, provider, raw).await,
+        None => None,
+    };
+    Ok(authenticated(state, raw, envelope, trusted, email, agent.name.as_str()).await)
+}
+
 /// Fetches, parses and checks an `email` job's message; `None` drops it.
 /// Returns the thread session, the Message-ID dedup key and the payload of
 /// the message job to run.
@@ -558,30 +658,7 @@ async fn fetch_and_check(
     let meta: EmailJob = serde_json::from_str(&job.payload)
         .map_err(|e| PrepareError::Permanent(format!("unreadable email job payload: {e}")))?;
     let (raw, email) = load_message(state, &meta).await?;
-    if let Some(reason) = loop_reason(state, &email).await? {
-        tracing::info!(agent = %agent.name, from = %email.from, reason = %reason, "inbound email not answered (loop)");
-        return Ok(None);
-    }
-    // Allowed senders.
-    let rules = platform.store.list_senders(&agent.id).await.map_err(|e| PrepareError::Transient(e.to_string()))?;
-    if !is_allowed(&rules, &email.sender()) {
-        state.metrics.rejected_senders_total.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        tracing::warn!(
-            agent = %agent.name,
-            sender = %email.from,
-            "email from a sender that is not allowed was dropped; to admit it run: tinyfat agent allow {} {}",
-            agent.name,
-            email.from
-        );
-        return Ok(None);
-    }
-    // IMAP: the mailbox provider's verdict, when it is from the configured
-    // authserv-id; otherwise our own checks.
-    let trusted = match &raw {
-        Some(raw) => imap::trusted_verdict(state, agent, &meta.provider, raw).await,
-        None => None,
-    };
-    if !authenticated(state, raw.as_deref(), meta.envelope.as_ref(), trusted, &email, agent.name.as_str()).await {
+    if !sender_admitted(state, agent, &meta.provider, raw.as_deref(), meta.envelope.as_ref(), &email).await? {
         return Ok(None);
     }
 
@@ -628,9 +705,7 @@ pub(crate) async fn load_message(
     state: &AppState,
     meta: &EmailJob,
 ) -> Result<(Option<Vec<u8>>, InboundEmail), PrepareError> {
-    let settings = &state.platform.settings;
-    let limits =
-        InboundLimits { message_bytes_max: settings.gateway.email_body_bytes_max as usize, ..InboundLimits::default() };
+    let limits = inbound_limits(state);
     match &meta.raw_b64 {
         Some(b64) => {
             use base64::Engine as _;
@@ -643,6 +718,12 @@ pub(crate) async fn load_message(
         }
         None => fetch_from_resend(state, meta, &limits).await,
     }
+}
+
+/// The parser's limits for inbound mail, from the gateway settings.
+fn inbound_limits(state: &AppState) -> InboundLimits {
+    let message_bytes_max = state.platform.settings.gateway.email_body_bytes_max as usize;
+    InboundLimits { message_bytes_max, ..InboundLimits::default() }
 }
 
 /// Why a mail must not be answered (SPEC §8 loops): automated mail, and mail

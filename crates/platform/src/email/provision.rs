@@ -110,9 +110,16 @@ pub async fn enqueue_start(
     let recipient = start_address(domain)
         .ok_or_else(|| anyhow::anyhow!("email.domain {domain:?} gives no valid start@ address"))?;
     let provider = if envelope.is_some() { "smtp" } else { "raw" };
-    let enqueued =
-        super::enqueue_raw(state, &platform_agent_id(), JOB_KIND_START, &recipient, provider, raw, envelope, dedup_key)
-            .await?;
+    let job = super::RawJob {
+        kind: JOB_KIND_START,
+        recipient: &recipient,
+        provider,
+        raw,
+        envelope,
+        dedup_key,
+        stopped_turn: false,
+    };
+    let enqueued = super::enqueue_raw(state, &platform_agent_id(), job).await?;
     tracing::info!(job = %enqueued.job_id, duplicate = enqueued.duplicate, "start email enqueued");
     Ok(!enqueued.duplicate)
 }
