@@ -1,5 +1,6 @@
 //! SQLite backend: one file, WAL journal, `synchronous = FULL` (an
-//! acknowledged write survives power loss), foreign keys on, and the
+//! acknowledged write survives power loss; the enqueue writer gets the same
+//! guarantee from its own WAL fsync before each answer), foreign keys on, and the
 //! embedded migrations of `migrations/sqlite`. All SQLite-specific SQL lives
 //! in this module and its children: `group_commit` (the enqueue writer),
 //! `queue` (claims, leases, dead letters), `delivery` (deliveries, usage),

@@ -4,7 +4,8 @@
 //! formats, answers from a per-test script, and records every request; and
 //! a fake Resend ([`FakeResend`]: send and received-email APIs, with
 //! `Idempotency-Key` dedup and scriptable 429s). Also one real server that
-//! runs here: [`Dovecot`], an IMAP server started per test.
+//! runs here: [`Dovecot`], an IMAP server started per test; and
+//! [`TestProcess`], a child process (`tinyfat serve`) killed on drop.
 //!
 //! Architecture invariants: the fakes speak the providers' wire formats and
 //! nothing of tinyfat's (tests drive the real clients against them); they
@@ -12,6 +13,7 @@
 //! parallel, each with its own server.
 
 pub mod dovecot;
+pub mod process;
 pub mod resend;
 pub mod script;
 pub mod server;
@@ -19,6 +21,7 @@ pub mod smtp_peer;
 mod wire;
 
 pub use dovecot::Dovecot;
+pub use process::{TestProcess, free_port, wait_for_port};
 pub use resend::{FakeResend, ResendRequest};
 pub use script::{HttpError, Reply, Script, ScriptStop, ToolCall};
 pub use server::{Api, FakeModel, RecordedRequest};

@@ -5,11 +5,11 @@
 
 use std::io::Read;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Output, Stdio};
+use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
 use serde_json::{Value, json};
-use tinyfat_testkit::{FakeModel, Script};
+use tinyfat_testkit::{FakeModel, Script, TestProcess, free_port};
 
 fn tinyfat(data: &Path, fake: &FakeModel, args: &[&str]) -> Output {
     Command::new(env!("CARGO_BIN_EXE_tinyfat"))
@@ -29,16 +29,17 @@ fn ok_json(data: &Path, fake: &FakeModel, args: &[&str]) -> Value {
     serde_json::from_slice(&out.stdout).unwrap()
 }
 
+/// `tinyfat serve` with its log in a file the test reads.
 struct Server {
-    child: Child,
-    port: u16,
+    process: TestProcess,
     log: PathBuf,
 }
 
 fn start(data: &Path, fake: &FakeModel) -> Server {
-    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let port = free_port();
     let log = data.join(format!("serve-{port}.log"));
-    let child = Command::new(env!("CARGO_BIN_EXE_tinyfat"))
+    let mut command = Command::new(env!("CARGO_BIN_EXE_tinyfat"));
+    command
         .args(["serve", "--listen", &format!("127.0.0.1:{port}")])
         .env("TINYFAT_DATA_DIR", data)
         .env("TINYFAT_SANDBOX_MODE", "none")
@@ -46,34 +47,19 @@ fn start(data: &Path, fake: &FakeModel) -> Server {
         .env("ANTHROPIC_BASE_URL", fake.base_url())
         .env_remove("TINYFAT_LOG")
         .stdout(Stdio::null())
-        .stderr(std::fs::File::create(&log).unwrap())
-        .spawn()
-        .unwrap();
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
-        assert!(Instant::now() < deadline, "server did not come up");
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    Server { child, port, log }
+        .stderr(std::fs::File::create(&log).unwrap());
+    Server { process: TestProcess::spawn_listening(&mut command, port), log }
 }
 
 impl Server {
-    fn kill9(mut self) {
-        let _ = Command::new("kill").args(["-KILL", &self.child.id().to_string()]).status();
-        let _ = self.child.wait();
+    fn kill9(self) {
+        self.process.kill9();
     }
 
     fn log(&self) -> String {
         let mut s = String::new();
         let _ = std::fs::File::open(&self.log).and_then(|mut f| f.read_to_string(&mut s));
         s
-    }
-}
-
-impl Drop for Server {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
     }
 }
 
@@ -106,7 +92,7 @@ async fn agent_schedules_an_immediate_event_and_is_woken_by_it() {
         Script::text("Scheduled."),
         Script::text("Woken by the event."),
     ]);
-    let url = format!("http://127.0.0.1:{}/api/agents/{}/chat", server.port, agent["id"].as_str().unwrap());
+    let url = server.process.url(&format!("/api/agents/{}/chat", agent["id"].as_str().unwrap()));
     let body = reqwest::Client::new()
         .post(url)
         .bearer_auth(&token)

@@ -4,62 +4,34 @@
 //! and on the delivery table.
 
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use futures_util::StreamExt;
 use serde_json::{Value, json};
 use tinyfat_core::message::Role;
 use tinyfat_core::session::{RecordBody, SessionRecord};
-use tinyfat_testkit::{FakeModel, Script};
+use tinyfat_testkit::{FakeModel, Script, TestProcess, free_port};
 
 const BIN: &str = env!("CARGO_BIN_EXE_tinyfat");
 
-struct Server {
-    child: Child,
-    port: u16,
-}
-
-impl Server {
-    fn start(data: &Path, fake: &FakeModel, role: &str) -> Server {
-        let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
-        let child = Command::new(BIN)
-            .args(["serve", "--listen", &format!("127.0.0.1:{port}"), "--role", role])
-            .env("TINYFAT_DATA_DIR", data)
-            .env("ANTHROPIC_API_KEY", "sk-test")
-            .env("ANTHROPIC_BASE_URL", fake.base_url())
-            .env("TINYFAT_LOG", "warn")
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap();
-        let server = Server { child, port };
-        if role == "worker" {
-            return server; // no HTTP port: the test waits for its work instead
-        }
-        let deadline = Instant::now() + Duration::from_secs(30);
-        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
-            assert!(Instant::now() < deadline, "server did not start");
-            std::thread::sleep(Duration::from_millis(50));
-        }
-        server
+/// Starts `tinyfat serve` in `role` on the test's data folder.
+fn start_server(data: &Path, fake: &FakeModel, role: &str) -> TestProcess {
+    let port = free_port();
+    let mut command = Command::new(BIN);
+    command
+        .args(["serve", "--listen", &format!("127.0.0.1:{port}"), "--role", role])
+        .env("TINYFAT_DATA_DIR", data)
+        .env("ANTHROPIC_API_KEY", "sk-test")
+        .env("ANTHROPIC_BASE_URL", fake.base_url())
+        .env("TINYFAT_LOG", "warn")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null());
+    if role == "worker" {
+        // No HTTP port: the test waits for its work instead.
+        return TestProcess::spawn(&mut command, port);
     }
-
-    fn url(&self, path: &str) -> String {
-        format!("http://127.0.0.1:{}{path}", self.port)
-    }
-
-    fn kill9(mut self) {
-        self.child.kill().unwrap();
-        self.child.wait().unwrap();
-    }
-}
-
-impl Drop for Server {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
+    TestProcess::spawn_listening(&mut command, port)
 }
 
 struct Env {
@@ -118,7 +90,7 @@ async fn read_sse(response: reqwest::Response, stop_after: Option<&dyn Fn(&Value
 }
 
 impl Env {
-    async fn post_chat(&self, server: &Server, body: Value) -> reqwest::Response {
+    async fn post_chat(&self, server: &TestProcess, body: Value) -> reqwest::Response {
         self.http
             .post(server.url(&format!("/api/agents/{}/chat", self.agent_id)))
             .bearer_auth(&self.token)
@@ -128,7 +100,7 @@ impl Env {
             .unwrap()
     }
 
-    async fn replay(&self, server: &Server, request_id: &str) -> Vec<Value> {
+    async fn replay(&self, server: &TestProcess, request_id: &str) -> Vec<Value> {
         let response = self
             .http
             .get(server.url(&format!("/api/agents/{}/runs/{request_id}/events", self.agent_id)))
@@ -182,7 +154,7 @@ async fn reply_deliveries(env: &Env) -> Vec<tinyfat_store::Delivery> {
 #[tokio::test(flavor = "multi_thread")]
 async fn web_chat_streams_accepted_deltas_and_done() {
     let env = env().await;
-    let server = Server::start(&env.data, &env.fake, "all");
+    let server = start_server(&env.data, &env.fake, "all");
     env.fake.push(Script::text_deltas(&["Hi ", "Ann"]));
     let response = env.post_chat(&server, json!({"message": "hello", "request_id": "r1"})).await;
     assert_eq!(response.status(), 200);
@@ -213,7 +185,7 @@ async fn web_chat_streams_accepted_deltas_and_done() {
 #[tokio::test(flavor = "multi_thread")]
 async fn bad_input_gets_a_clear_4xx_and_enqueues_nothing() {
     let env = env().await;
-    let server = Server::start(&env.data, &env.fake, "all");
+    let server = start_server(&env.data, &env.fake, "all");
     let url = server.url(&format!("/api/agents/{}/chat", env.agent_id));
     let send = |body: reqwest::Body, content_type: &'static str| {
         env.http.post(&url).bearer_auth(&env.token).header("content-type", content_type).body(body).send()
@@ -251,14 +223,14 @@ async fn bad_input_gets_a_clear_4xx_and_enqueues_nothing() {
 async fn crash_after_ack_before_the_turn_starts() {
     let env = env().await;
     // A gateway without workers acknowledges and enqueues, then dies.
-    let gateway = Server::start(&env.data, &env.fake, "gateway");
+    let gateway = start_server(&env.data, &env.fake, "gateway");
     let response = env.post_chat(&gateway, json!({"message": "queued while down", "request_id": "ra"})).await;
     let events = read_sse(response, Some(&|e: &Value| e["type"] == "accepted")).await;
     assert_eq!(events[0]["type"], "accepted");
     gateway.kill9();
 
     env.fake.push(Script::text("answered after restart"));
-    let server = Server::start(&env.data, &env.fake, "all");
+    let server = start_server(&env.data, &env.fake, "all");
     let replay = env.replay(&server, "ra").await;
     assert_eq!(text(&replay), "answered after restart");
     assert_eq!(count(&env.session("web-main"), "queued while down"), (1, 1));
@@ -268,7 +240,7 @@ async fn crash_after_ack_before_the_turn_starts() {
 #[tokio::test(flavor = "multi_thread")]
 async fn crash_in_the_middle_of_a_turn_while_the_model_streams() {
     let env = env().await;
-    let server = Server::start(&env.data, &env.fake, "all");
+    let server = start_server(&env.data, &env.fake, "all");
     env.fake.push(
         Script::text_deltas(&["one ", "two ", "three ", "four ", "five"]).with_chunk_delay(Duration::from_millis(400)),
     );
@@ -280,7 +252,7 @@ async fn crash_in_the_middle_of_a_turn_while_the_model_streams() {
     assert_eq!((users, answers), (1, 0), "the user message was durable; no answer yet");
 
     env.fake.push(Script::text("one two three four five"));
-    let server = Server::start(&env.data, &env.fake, "all");
+    let server = start_server(&env.data, &env.fake, "all");
     // The lease of the killed worker must lapse before the job runs again.
     let replay = env.replay(&server, "rb").await;
     assert_eq!(text(&replay), "one two three four five");
@@ -293,14 +265,14 @@ async fn crash_in_the_middle_of_a_turn_while_the_model_streams() {
 #[tokio::test(flavor = "multi_thread")]
 async fn crash_after_the_reply_is_stored_before_delivery() {
     let env = env().await;
-    let server = Server::start(&env.data, &env.fake, "all");
+    let server = start_server(&env.data, &env.fake, "all");
     env.fake.push(Script::text("stored reply"));
     let response = env.post_chat(&server, json!({"message": "reply then die", "request_id": "rc"})).await;
     let events = read_sse(response, Some(&|e: &Value| e["type"] == "run_complete")).await;
     assert_eq!(text(&events), "stored reply");
     server.kill9();
 
-    let server = Server::start(&env.data, &env.fake, "all");
+    let server = start_server(&env.data, &env.fake, "all");
     let deadline = Instant::now() + Duration::from_secs(20);
     loop {
         let deliveries = reply_deliveries(&env).await;
@@ -320,7 +292,7 @@ async fn crash_after_the_reply_is_stored_before_delivery() {
 #[tokio::test(flavor = "multi_thread")]
 async fn a_burst_to_one_agent_never_overlaps_and_every_message_is_seen() {
     let env = env().await;
-    let server = Server::start(&env.data, &env.fake, "all");
+    let server = start_server(&env.data, &env.fake, "all");
     env.fake.set_fallback(Script::text("ack").with_chunk_delay(Duration::from_millis(20)));
     let posts = (0..50).map(|i| {
         let env = &env;
@@ -388,7 +360,7 @@ async fn two_hundred_agents_at_once_are_all_answered() {
         ids.push(agent.id.to_string());
     }
     drop(platform);
-    let server = Server::start(&env.data, &env.fake, "all");
+    let server = start_server(&env.data, &env.fake, "all");
     env.fake.set_fallback(Script::text("hello agent"));
     let posts = ids.iter().map(|id| {
         let (env, server) = (&env, &server);
@@ -416,14 +388,14 @@ async fn two_hundred_agents_at_once_are_all_answered() {
 #[tokio::test(flavor = "multi_thread")]
 async fn sigterm_lets_the_running_turn_finish_then_exits() {
     let env = env().await;
-    let mut server = Server::start(&env.data, &env.fake, "all");
+    let mut server = start_server(&env.data, &env.fake, "all");
     env.fake.push(Script::text_deltas(&["still ", "finishing ", "this"]).with_chunk_delay(Duration::from_millis(300)));
     let response = env.post_chat(&server, json!({"message": "long answer", "request_id": "rt"})).await;
     let mut events = read_sse(response, Some(&|e: &Value| e["type"] == "text_delta")).await;
-    let status = Command::new("kill").args(["-TERM", &server.child.id().to_string()]).status().unwrap();
+    let status = Command::new("kill").args(["-TERM", &server.child().id().to_string()]).status().unwrap();
     assert!(status.success());
     let exited = tokio::task::spawn_blocking(move || {
-        let status = server.child.wait().unwrap();
+        let status = server.child().wait().unwrap();
         (status, server)
     })
     .await
@@ -444,7 +416,7 @@ async fn sigterm_lets_the_running_turn_finish_then_exits() {
 #[tokio::test(flavor = "multi_thread")]
 async fn terminal_chat_with_a_server_running_never_overlaps_its_turns() {
     let env = env().await;
-    let server = Server::start(&env.data, &env.fake, "all");
+    let server = start_server(&env.data, &env.fake, "all");
     env.fake.push(Script::text_deltas(&["slow ", "web ", "answer"]).with_chunk_delay(Duration::from_millis(500)));
     env.fake.set_fallback(Script::text("terminal answer"));
     let response = env.post_chat(&server, json!({"message": "web first", "request_id": "rw"})).await;
@@ -497,8 +469,8 @@ async fn terminal_chat_with_a_server_running_never_overlaps_its_turns() {
 #[tokio::test(flavor = "multi_thread")]
 async fn stop_received_by_one_process_cancels_the_turn_running_in_another() {
     let env = env().await;
-    let worker = Server::start(&env.data, &env.fake, "worker");
-    let gateway = Server::start(&env.data, &env.fake, "gateway");
+    let worker = start_server(&env.data, &env.fake, "worker");
+    let gateway = start_server(&env.data, &env.fake, "gateway");
     let deltas: Vec<String> = (0..20).map(|i| format!("chunk{i} ")).collect();
     let deltas: Vec<&str> = deltas.iter().map(String::as_str).collect();
     env.fake.push(Script::text_deltas(&deltas).with_chunk_delay(Duration::from_millis(300)));

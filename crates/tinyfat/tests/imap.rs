@@ -8,11 +8,11 @@
 
 use std::io::Write;
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use serde_json::Value;
-use tinyfat_testkit::{Dovecot, FakeModel, FakeResend, Script};
+use tinyfat_testkit::{Dovecot, FakeModel, FakeResend, Script, TestProcess, free_port};
 
 const BIN: &str = env!("CARGO_BIN_EXE_tinyfat");
 const USER: &str = "mailbot";
@@ -34,20 +34,12 @@ fn cli(data: &Path, args: &[&str], stdin: Option<&str>) -> Value {
     serde_json::from_slice(&out.stdout).unwrap_or(Value::Null)
 }
 
-/// The server process, killed on drop (also when an assertion fails).
-struct Server(Child);
-
-impl Drop for Server {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-fn serve(data: &Path, model: &FakeModel, resend: &FakeResend, log: &Path) -> Server {
-    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+/// `tinyfat serve` on `data`, logging to `log`; killed on drop.
+fn serve(data: &Path, model: &FakeModel, resend: &FakeResend, log: &Path) -> TestProcess {
+    let port = free_port();
     let log = std::fs::OpenOptions::new().create(true).append(true).open(log).unwrap();
-    Command::new(BIN)
+    let mut command = Command::new(BIN);
+    command
         .args(["serve", "--listen", &format!("127.0.0.1:{port}")])
         .env("TINYFAT_DATA_DIR", data)
         .env("ANTHROPIC_API_KEY", "sk-test")
@@ -58,10 +50,8 @@ fn serve(data: &Path, model: &FakeModel, resend: &FakeResend, log: &Path) -> Ser
         .env("TINYFAT_SANDBOX_MODE", "none")
         .env("TINYFAT_LOG", "trace")
         .stdout(Stdio::null())
-        .stderr(log)
-        .spawn()
-        .map(Server)
-        .unwrap()
+        .stderr(log);
+    TestProcess::spawn(&mut command, port)
 }
 
 async fn wait_until(what: &str, log: &Path, f: impl Fn() -> bool) {
@@ -112,9 +102,9 @@ async fn serve_answers_mail_from_an_imap_mailbox_once_across_a_restart() {
 
     // A restart (SIGTERM: the mailbox lease is released; after a crash the
     // next process waits for it to expire): the cursor holds.
-    let status = Command::new("kill").args(["-TERM", &server.0.id().to_string()]).status().unwrap();
+    let status = Command::new("kill").args(["-TERM", &server.child().id().to_string()]).status().unwrap();
     assert!(status.success());
-    server.0.wait().unwrap();
+    server.child().wait().unwrap();
     let server = serve(&data, &model, &resend, &log);
     wait_until("the restarted poller", &log, || count(&log, "imap: ready") == 2).await;
     tokio::time::sleep(Duration::from_secs(2)).await;

@@ -7,12 +7,12 @@
 
 use std::io::Read;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Output, Stdio};
+use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
 use serde_json::{Value, json};
 use tinyfat_core::AgentId;
-use tinyfat_testkit::{FakeModel, Script};
+use tinyfat_testkit::{FakeModel, Script, TestProcess};
 
 fn command(data: &Path, fake: &FakeModel) -> Command {
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_tinyfat"));
@@ -33,7 +33,7 @@ fn ok_json(data: &Path, fake: &FakeModel, args: &[&str]) -> Value {
 /// A `tinyfat serve --role ROLE` process without a port (scheduler and
 /// worker roles run no gateway); killed on drop.
 struct Process {
-    child: Child,
+    _process: TestProcess,
     log: PathBuf,
 }
 
@@ -41,13 +41,10 @@ impl Process {
     /// Starts the role and waits for its `ready_line` in the log.
     fn start(data: &Path, fake: &FakeModel, role: &str, index: usize, ready_line: &str) -> Process {
         let log = data.join(format!("serve-{role}-{index}.log"));
-        let child = command(data, fake)
-            .args(["serve", "--role", role])
-            .stdout(Stdio::null())
-            .stderr(std::fs::File::create(&log).unwrap())
-            .spawn()
-            .unwrap();
-        let process = Process { child, log };
+        let mut command = command(data, fake);
+        command.args(["serve", "--role", role]).stdout(Stdio::null()).stderr(std::fs::File::create(&log).unwrap());
+        // No port: these roles run no gateway.
+        let process = Process { _process: TestProcess::spawn(&mut command, 0), log };
         let deadline = Instant::now() + Duration::from_secs(30);
         while !process.log().contains(ready_line) {
             assert!(Instant::now() < deadline, "{role} did not start; log:\n{}", process.log());
@@ -60,13 +57,6 @@ impl Process {
         let mut s = String::new();
         let _ = std::fs::File::open(&self.log).and_then(|mut f| f.read_to_string(&mut s));
         s
-    }
-}
-
-impl Drop for Process {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
     }
 }
 

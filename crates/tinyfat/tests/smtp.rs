@@ -13,7 +13,7 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use serde_json::{Value, json};
-use tinyfat_testkit::{FakeModel, FakeResend, Script};
+use tinyfat_testkit::{FakeModel, FakeResend, Script, TestProcess, free_port, wait_for_port};
 
 const BIN: &str = env!("CARGO_BIN_EXE_tinyfat");
 const OWNER: &str = "alice@example.com";
@@ -65,62 +65,32 @@ for step in json.load(sys.stdin):
 print(json.dumps(out))
 "#;
 
-struct Server {
-    child: Child,
-    http: u16,
-}
-
-impl Server {
-    fn start(env: &Env, extra: &[(&str, &str)]) -> Server {
-        let http = free_port();
-        let mut command = Command::new(BIN);
-        command
-            .args(["serve", "--listen", &format!("127.0.0.1:{http}")])
-            .env("TINYFAT_DATA_DIR", &env.data)
-            .env("TINYFAT_SANDBOX_MODE", "none")
-            .env("ANTHROPIC_API_KEY", "sk-test")
-            .env("ANTHROPIC_BASE_URL", env.fake.base_url())
-            .env("RESEND_API_KEY", "re_test_key")
-            .env("TINYFAT_EMAIL_RESEND_BASE_URL", env.resend.url())
-            // No DNS here, so SPF/DKIM cannot be evaluated.
-            .env("TINYFAT_EMAIL_REQUIRE_AUTH", "false")
-            .env("TINYFAT_EMAIL_SMTP_LISTEN", format!("127.0.0.1:{}", env.smtp_port))
-            .env("TINYFAT_GATEWAY_EMAIL_BODY_BYTES_MAX", "100000")
-            .env("TINYFAT_LOG", "warn")
-            .stdout(Stdio::null())
-            .stderr(Stdio::null());
-        for (k, v) in extra {
-            command.env(k, v);
-        }
-        let child = command.spawn().unwrap();
-        let server = Server { child, http };
-        let deadline = Instant::now() + Duration::from_secs(30);
-        while std::net::TcpStream::connect(("127.0.0.1", env.smtp_port)).is_err() {
-            assert!(Instant::now() < deadline, "the SMTP listener did not start");
-            std::thread::sleep(Duration::from_millis(50));
-        }
-        server
+/// Starts `tinyfat serve` with the SMTP listener on `env.smtp_port` and
+/// waits for that port.
+fn start_server(env: &Env, extra: &[(&str, &str)]) -> TestProcess {
+    let http = free_port();
+    let mut command = Command::new(BIN);
+    command
+        .args(["serve", "--listen", &format!("127.0.0.1:{http}")])
+        .env("TINYFAT_DATA_DIR", &env.data)
+        .env("TINYFAT_SANDBOX_MODE", "none")
+        .env("ANTHROPIC_API_KEY", "sk-test")
+        .env("ANTHROPIC_BASE_URL", env.fake.base_url())
+        .env("RESEND_API_KEY", "re_test_key")
+        .env("TINYFAT_EMAIL_RESEND_BASE_URL", env.resend.url())
+        // No DNS here, so SPF/DKIM cannot be evaluated.
+        .env("TINYFAT_EMAIL_REQUIRE_AUTH", "false")
+        .env("TINYFAT_EMAIL_SMTP_LISTEN", format!("127.0.0.1:{}", env.smtp_port))
+        .env("TINYFAT_GATEWAY_EMAIL_BODY_BYTES_MAX", "100000")
+        .env("TINYFAT_LOG", "warn")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null());
+    for (k, v) in extra {
+        command.env(k, v);
     }
-
-    fn url(&self, path: &str) -> String {
-        format!("http://127.0.0.1:{}{path}", self.http)
-    }
-
-    fn kill9(mut self) {
-        self.child.kill().unwrap();
-        self.child.wait().unwrap();
-    }
-}
-
-impl Drop for Server {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+    let server = TestProcess::spawn(&mut command, http);
+    wait_for_port(env.smtp_port);
+    server
 }
 
 struct Env {
@@ -236,7 +206,7 @@ fn raw_of(job: &tinyfat_store::Job) -> String {
 #[tokio::test(flavor = "multi_thread")]
 async fn a_message_to_an_agent_is_accepted_and_answered_and_unknown_recipients_get_550() {
     let env = env().await;
-    let server = Server::start(&env, &[]);
+    let server = start_server(&env, &[]);
     let ready: Value = reqwest::get(server.url("/readyz")).await.unwrap().json().await.unwrap();
     let smtp = format!("ready: listening on 127.0.0.1:{}, STARTTLS off", env.smtp_port);
     assert_eq!(ready["adapters"]["smtp"], smtp.as_str(), "{ready}");
@@ -279,7 +249,7 @@ async fn a_message_to_an_agent_is_accepted_and_answered_and_unknown_recipients_g
 #[tokio::test(flavor = "multi_thread")]
 async fn a_stop_by_mail_cancels_the_running_turn_without_waiting_behind_it() {
     let env = env().await;
-    let _server = Server::start(&env, &[]);
+    let _server = start_server(&env, &[]);
     let deltas: Vec<String> = (0..20).map(|i| format!("chunk{i} ")).collect();
     let deltas: Vec<&str> = deltas.iter().map(String::as_str).collect();
     env.fake.push(Script::text_deltas(&deltas).with_chunk_delay(Duration::from_millis(300)));
@@ -327,7 +297,7 @@ async fn a_stop_by_mail_cancels_the_running_turn_without_waiting_behind_it() {
 #[tokio::test(flavor = "multi_thread")]
 async fn an_oversized_message_gets_552_and_nothing_is_enqueued() {
     let env = env().await;
-    let _server = Server::start(&env, &[]);
+    let _server = start_server(&env, &[]);
     let big = env.message("big.eml", Some("<big@example.com>"), &"x".repeat(76).repeat(2000));
     let small = env.message("small.eml", Some("<small@example.com>"), "short");
     let replies = env.smtp(json!([
@@ -361,7 +331,7 @@ async fn an_oversized_message_gets_552_and_nothing_is_enqueued() {
 #[tokio::test(flavor = "multi_thread")]
 async fn bad_commands_get_5xx_and_the_connection_survives() {
     let env = env().await;
-    let _server = Server::start(&env, &[]);
+    let _server = start_server(&env, &[]);
     let file = env.message("ok.eml", Some("<ok@example.com>"), "after the noise");
     let long = format!("NOOP {}", "y".repeat(5000));
     let replies = env.smtp(json!([
@@ -402,7 +372,7 @@ async fn bad_commands_get_5xx_and_the_connection_survives() {
 #[tokio::test(flavor = "multi_thread")]
 async fn the_same_message_delivered_twice_is_enqueued_and_answered_once() {
     let env = env().await;
-    let _server = Server::start(&env, &[]);
+    let _server = start_server(&env, &[]);
     env.fake.push(Script::text("Once."));
     let file = env.message("dup.eml", Some("<dup@example.com>"), "sent twice");
     assert_eq!(codes(&env.send(&[AGENT], &file)), [220, 250, 250, 250, 250, 221]);
@@ -454,7 +424,7 @@ async fn starttls_with_a_test_certificate_then_delivery_works() {
     let cert_s = cert.display().to_string();
     let key_s = key.display().to_string();
     let _server =
-        Server::start(&env, &[("TINYFAT_EMAIL_SMTP_TLS_CERT", &cert_s), ("TINYFAT_EMAIL_SMTP_TLS_KEY", &key_s)]);
+        start_server(&env, &[("TINYFAT_EMAIL_SMTP_TLS_CERT", &cert_s), ("TINYFAT_EMAIL_SMTP_TLS_KEY", &key_s)]);
     env.fake.push(Script::text("Encrypted hello."));
     let file = env.message("tls.eml", Some("<tls@example.com>"), "over TLS");
     let replies = env.smtp(json!([
@@ -476,7 +446,7 @@ async fn starttls_with_a_test_certificate_then_delivery_works() {
 #[tokio::test(flavor = "multi_thread")]
 async fn a_kill_9_right_after_the_250_still_answers_exactly_once() {
     let env = env().await;
-    let server = Server::start(&env, &[]);
+    let server = start_server(&env, &[]);
     // A slow answer, so the kill lands while the turn runs (or before).
     env.fake.push(Script::text_deltas(&["one ", "two ", "three"]).with_chunk_delay(Duration::from_millis(500)));
     let file = env.message("crash.eml", Some("<crash@example.com>"), "survive this");
@@ -486,7 +456,7 @@ async fn a_kill_9_right_after_the_250_still_answers_exactly_once() {
     assert!(env.resend.emails().is_empty());
 
     env.fake.push(Script::text("one two three"));
-    let _server = Server::start(&env, &[]);
+    let _server = start_server(&env, &[]);
     let emails = env.wait_for_emails(1).await;
     assert!(emails[0]["text"].as_str().unwrap().contains("one two three"), "{}", emails[0]);
     tokio::time::sleep(Duration::from_secs(3)).await;
@@ -497,7 +467,7 @@ async fn a_kill_9_right_after_the_250_still_answers_exactly_once() {
 #[tokio::test(flavor = "multi_thread")]
 async fn sigterm_closes_idle_sessions_with_421_and_the_server_exits() {
     let env = env().await;
-    let mut server = Server::start(&env, &[]);
+    let mut server = start_server(&env, &[]);
     let marker = env._tmp.path().join("in-session");
     let client = env.smtp_spawn(json!([
         {"op": "ehlo"},
@@ -509,11 +479,11 @@ async fn sigterm_closes_idle_sessions_with_421_and_the_server_exits() {
         assert!(Instant::now() < deadline, "the client never got past EHLO");
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-    let status = Command::new("kill").args(["-TERM", &server.child.id().to_string()]).status().unwrap();
+    let status = Command::new("kill").args(["-TERM", &server.child().id().to_string()]).status().unwrap();
     assert!(status.success());
     let deadline = Instant::now() + Duration::from_secs(20);
     let exit = loop {
-        if let Some(exit) = server.child.try_wait().unwrap() {
+        if let Some(exit) = server.child().try_wait().unwrap() {
             break exit;
         }
         assert!(Instant::now() < deadline, "the server did not stop");
@@ -539,7 +509,7 @@ fn sql(env: &Env, statement: &str) {
 #[tokio::test(flavor = "multi_thread")]
 async fn a_store_failure_answers_451_and_the_senders_retry_is_accepted_once() {
     let env = env().await;
-    let _server = Server::start(&env, &[]);
+    let _server = start_server(&env, &[]);
     sql(&env, "CREATE TRIGGER refuse_jobs BEFORE INSERT ON jobs BEGIN SELECT RAISE(ABORT, 'disk full'); END");
     let file = env.message("retry.eml", Some("<retry@example.com>"), "try me later");
     let replies = env.send(&[AGENT], &file);
@@ -558,7 +528,7 @@ async fn a_store_failure_answers_451_and_the_senders_retry_is_accepted_once() {
 #[tokio::test(flavor = "multi_thread")]
 async fn connections_over_the_limit_get_421() {
     let env = env().await;
-    let _server = Server::start(&env, &[("TINYFAT_EMAIL_SMTP_CONNECTIONS_MAX", "1")]);
+    let _server = start_server(&env, &[("TINYFAT_EMAIL_SMTP_CONNECTIONS_MAX", "1")]);
     let marker = env._tmp.path().join("holding");
     let holder = env.smtp_spawn(json!([
         {"op": "ehlo"},
@@ -584,12 +554,12 @@ async fn mail_to_start_over_smtp_provisions_an_agent_when_self_provisioning_is_o
     let env = env().await;
     // Off (the default): start@ is no mailbox.
     {
-        let _server = Server::start(&env, &[]);
+        let _server = start_server(&env, &[]);
         let file = env.message("start-off.eml", Some("<start-off@newcomer.example>"), "hi");
         let replies = env.send(&["start@tinyfat.localhost"], &file);
         assert_eq!(codes(&replies)[3], 550, "{replies:?}");
     }
-    let _server = Server::start(&env, &[("TINYFAT_PROVISIONING_ALLOW", "@newcomer.example")]);
+    let _server = start_server(&env, &[("TINYFAT_PROVISIONING_ALLOW", "@newcomer.example")]);
     let text = "From: Bob <bob@newcomer.example>\r\nTo: start@tinyfat.localhost\r\nSubject: start\r\n\
                 Message-ID: <start-1@newcomer.example>\r\nDate: Wed, 25 Nov 2026 12:00:00 +0000\r\n\r\nhello\r\n";
     let path = env._tmp.path().join("start.eml");

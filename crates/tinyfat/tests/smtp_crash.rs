@@ -7,28 +7,27 @@
 //! never contain the SMTP password.
 
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command};
+use std::process::Command;
 use std::time::{Duration, Instant};
 
 use serde_json::{Value, json};
 use tinyfat_channels::email::svix;
-use tinyfat_testkit::{FakeModel, FakeResend, Script, SmtpPeer};
+use tinyfat_testkit::{FakeModel, FakeResend, Script, SmtpPeer, TestProcess, free_port};
 
 const BIN: &str = env!("CARGO_BIN_EXE_tinyfat");
 const SECRET: &str = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw";
 const PASSWORD: &str = "pw-Rr5-serve-never-logs-77";
 const DOMAIN: &str = "agents.test";
 
-struct Server {
-    child: Child,
-    port: u16,
-}
+/// `tinyfat serve` with SMTP sending to the test's peer.
+struct Server(TestProcess);
 
 impl Server {
     fn start(data: &Path, fake: &FakeModel, resend: &FakeResend, peer: &SmtpPeer, log: &Path) -> Server {
-        let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+        let port = free_port();
         let log = std::fs::OpenOptions::new().create(true).append(true).open(log).unwrap();
-        let child = Command::new(BIN)
+        let mut command = Command::new(BIN);
+        command
             .args(["serve", "--listen", &format!("127.0.0.1:{port}")])
             .env("TINYFAT_DATA_DIR", data)
             .env("ANTHROPIC_API_KEY", "sk-test")
@@ -47,15 +46,8 @@ impl Server {
             .env("SMTP_PASSWORD", PASSWORD)
             .env("TINYFAT_LOG", "trace")
             .stdout(log.try_clone().unwrap())
-            .stderr(log)
-            .spawn()
-            .unwrap();
-        let deadline = Instant::now() + Duration::from_secs(30);
-        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
-            assert!(Instant::now() < deadline, "server did not start");
-            std::thread::sleep(Duration::from_millis(50));
-        }
-        Server { child, port }
+            .stderr(log);
+        Server(TestProcess::spawn_listening(&mut command, port))
     }
 
     async fn webhook(&self, svix_id: &str, body: &Value) {
@@ -63,7 +55,7 @@ impl Server {
         let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs() as i64;
         let signature = svix::sign(&svix::WebhookSecret::parse(SECRET).unwrap(), svix_id, now, body.as_bytes());
         let status = reqwest::Client::new()
-            .post(format!("http://127.0.0.1:{}/webhooks/resend", self.port))
+            .post(self.0.url("/webhooks/resend"))
             .header("svix-id", svix_id)
             .header("svix-timestamp", now.to_string())
             .header("svix-signature", signature)
@@ -75,16 +67,8 @@ impl Server {
         assert_eq!(status, 200);
     }
 
-    fn kill9(mut self) {
-        self.child.kill().unwrap();
-        self.child.wait().unwrap();
-    }
-}
-
-impl Drop for Server {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+    fn kill9(self) {
+        self.0.kill9();
     }
 }
 
