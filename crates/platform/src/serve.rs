@@ -48,6 +48,10 @@ pub struct Readiness {
     pub started: AtomicBool,
     /// The SMTP listener's state line, when it is configured.
     pub smtp: std::sync::Mutex<Option<String>>,
+    /// The IMAP pollers' mailboxes. Reported, not required: one mailbox
+    /// whose provider is down or refuses the login does not make the
+    /// platform unready.
+    pub imap: crate::email::imap::Statuses,
 }
 
 #[derive(Clone, Debug)]
@@ -102,6 +106,17 @@ async fn readyz(State(s): State<ServeState>) -> impl IntoResponse {
     let mut adapters = adapters;
     if let Some(smtp) = s.ready.smtp.lock().expect("readiness lock").clone() {
         adapters["smtp"] = json!(format!("ready: {smtp}"));
+    }
+    let mailboxes: serde_json::Map<String, serde_json::Value> = s
+        .ready
+        .imap
+        .lock()
+        .expect("readiness lock")
+        .iter()
+        .map(|(agent, status)| (agent.to_string(), json!(status.describe())))
+        .collect();
+    if !mailboxes.is_empty() {
+        adapters["imap"] = serde_json::Value::Object(mailboxes);
     }
     let ready = store.is_ok() && storage.is_ok() && matches!(sandbox, Some((true, _))) && started;
     let status = if ready { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE };
@@ -174,7 +189,7 @@ pub async fn serve(platform: Arc<Platform>, listen: &str, role: Role) -> anyhow:
             None => tracing::info!("email: SMTP listener off (set email.smtp_listen to receive mail on port 25)"),
         }
         *ready.smtp.lock().expect("readiness lock") = smtp.as_ref().map(|l| l.describe());
-        background.spawn(crate::email::start(app.clone(), smtp, stop_rx.clone()));
+        background.spawn(crate::email::start(app.clone(), smtp, stop_rx.clone(), ready.imap.clone()));
     }
 
     let shutdown = async move {

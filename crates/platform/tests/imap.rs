@@ -388,6 +388,9 @@ async fn a_wrong_password_is_reported_clearly_and_recovers_when_fixed() {
     env.set_password("not the password").await;
     let poller = env.poller(fast());
     env.wait_for(&poller, "the refused login", |s| s.state == PollState::LoginRefused).await;
+    // What `/readyz` shows for the mailbox says what is wrong.
+    let line = poller.pollers.status(&env.agent.id).unwrap().describe();
+    assert!(line.starts_with("error: login refused (check imap_password"), "{line}");
     // Several attempts, one log line that says what to do.
     let deadline = Instant::now() + Duration::from_secs(20);
     while env.dovecot.log().matches("auth failed").count() < 3 {

@@ -89,6 +89,20 @@ async fn serve_answers_mail_from_an_imap_mailbox_once_across_a_restart() {
     let mut server = serve(&data, &model, &resend, &log);
     wait_until("the poller to be ready", &log, || count(&log, "imap: ready") == 1).await;
     assert_eq!(count(&log, "imap: polling 1 mailbox(es): inboxer"), 1);
+    // `/readyz` reports the mailbox (Dovecot offers IDLE).
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let readiness = loop {
+        let answer = match reqwest::get(server.url("/readyz")).await {
+            Ok(response) => response.json::<Value>().await.unwrap_or_default(),
+            Err(_) => Value::Null,
+        };
+        if answer["adapters"]["imap"][id] == "ready: watching with IDLE" {
+            break answer;
+        }
+        assert!(Instant::now() < deadline, "/readyz never reported the mailbox: {answer}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    assert_eq!(readiness["ready"], true, "{readiness}");
 
     dovecot.deliver(
         b"From: Alice <alice@example.com>\r\nTo: mailbot@mail.test\r\nSubject: Lunch?\r\n\

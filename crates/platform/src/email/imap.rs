@@ -204,7 +204,27 @@ pub enum PollState {
     Stopped,
 }
 
-type Statuses = Arc<Mutex<HashMap<AgentId, MailboxStatus>>>;
+/// Each polled mailbox's status, by agent; shared with `/readyz`.
+pub type Statuses = Arc<Mutex<HashMap<AgentId, MailboxStatus>>>;
+
+impl MailboxStatus {
+    /// One line for `/readyz`: the state, and the last error when retrying.
+    pub fn describe(&self) -> String {
+        let state = match self.state {
+            PollState::Starting => "starting",
+            PollState::Standby => "standby (another process polls this mailbox)",
+            PollState::Watching if self.idle => "ready: watching with IDLE",
+            PollState::Watching => "ready: polling",
+            PollState::Retrying => "retrying",
+            PollState::LoginRefused => "error: login refused (check imap_password and the imap block)",
+            PollState::Stopped => "stopped",
+        };
+        match (&self.last_error, self.state) {
+            (Some(error), PollState::Retrying | PollState::LoginRefused) => format!("{state}: {error}"),
+            _ => state.to_owned(),
+        }
+    }
+}
 
 /// The running pollers of this process.
 #[derive(Debug)]
@@ -217,7 +237,16 @@ impl Pollers {
     /// Starts the supervisor: it finds configured agents and runs one
     /// poller each until `shutdown`.
     pub fn spawn(state: AppState, settings: PollerSettings, shutdown: watch::Receiver<bool>) -> Self {
-        let statuses = Statuses::default();
+        Self::spawn_reporting(state, settings, shutdown, Statuses::default())
+    }
+
+    /// `spawn`, keeping each mailbox's status in `statuses`.
+    pub fn spawn_reporting(
+        state: AppState,
+        settings: PollerSettings,
+        shutdown: watch::Receiver<bool>,
+        statuses: Statuses,
+    ) -> Self {
         let owner = format!("imap-{}-{}", std::process::id(), ulid::Ulid::new());
         let ctx = Arc::new(Ctx { state, settings, owner, statuses: statuses.clone() });
         let supervisor = tokio::spawn(supervise(ctx, shutdown));
@@ -234,9 +263,10 @@ impl Pollers {
     }
 }
 
-/// `email::start`'s part: the pollers with production timing, until shutdown.
-pub async fn start(state: AppState, shutdown: watch::Receiver<bool>) {
-    Pollers::spawn(state, PollerSettings::default(), shutdown).join().await;
+/// `email::start`'s part: the pollers with production timing, until
+/// shutdown, their statuses kept in `statuses`.
+pub async fn start(state: AppState, shutdown: watch::Receiver<bool>, statuses: Statuses) {
+    Pollers::spawn_reporting(state, PollerSettings::default(), shutdown, statuses).join().await;
 }
 
 #[derive(Debug)]

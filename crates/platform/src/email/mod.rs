@@ -1300,9 +1300,15 @@ pub fn outbound_status(settings: &crate::config::EmailSettings) -> String {
 }
 
 /// Runs the SMTP listener (bound by the caller with `smtp_listener::bind`)
-/// and the IMAP pollers that the settings enable, until `shutdown`.
-pub async fn start(state: AppState, smtp: Option<smtp_listener::SmtpListener>, shutdown: watch::Receiver<bool>) {
-    let imap = imap::start(state.clone(), shutdown.clone());
+/// and the IMAP pollers that the settings enable, until `shutdown`; the
+/// pollers report each mailbox's status in `imap_statuses`.
+pub async fn start(
+    state: AppState,
+    smtp: Option<smtp_listener::SmtpListener>,
+    shutdown: watch::Receiver<bool>,
+    imap_statuses: imap::Statuses,
+) {
+    let imap = imap::start(state.clone(), shutdown.clone(), imap_statuses);
     match smtp {
         Some(smtp) => {
             tokio::join!(smtp.run(state, shutdown), imap);
