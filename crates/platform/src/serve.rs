@@ -212,6 +212,13 @@ pub async fn serve(platform: Arc<Platform>, listen: &str, role: Role) -> anyhow:
             );
         }
         ready.started.store(true, Ordering::SeqCst);
+        // Nagle off: an SSE stream writes small events one after another,
+        // and with Nagle each waited for the client's delayed ACK (~40 ms).
+        let listener = axum::serve::ListenerExt::tap_io(listener, |tcp| {
+            if let Err(error) = tcp.set_nodelay(true) {
+                tracing::debug!(%error, "TCP_NODELAY could not be set on a connection");
+            }
+        });
         axum::serve(listener, router(app, ready)).with_graceful_shutdown(shutdown).await?;
     } else {
         ready.started.store(true, Ordering::SeqCst);
