@@ -474,5 +474,11 @@ async fn a_start_job_run_again_after_a_crash_creates_one_agent_and_one_welcome()
     assert_eq!(platform_rows.len(), 1, "one welcome");
     let outbox_jobs = env.platform.store.jobs_for(&agents[0].id, 10).await.unwrap();
     assert_eq!(outbox_jobs.len(), 1, "one hello job");
-    assert_eq!(env.resend.send_requests().len(), 2, "one welcome and one hello reached Resend");
+    let sent: Vec<(Option<String>, Value)> = env
+        .resend
+        .send_requests()
+        .iter()
+        .map(|r| (r.headers.get("idempotency-key").cloned(), r.body["subject"].clone()))
+        .collect();
+    assert_eq!(sent.len(), 2, "one welcome and one hello reached Resend: {sent:?}");
 }

@@ -1211,8 +1211,18 @@ async fn send_outbox_file(
             return Err(e.to_string());
         }
     }
-    // Claim the row (the delivery loop skips `sending` rows until stale) and send.
-    let _ = store.mark_delivery_sending(delivery_id, platform.now_ms(), 60_000).await;
+    // Claim the row (the delivery loop skips `sending` rows until stale) and
+    // send. Outbox rows are not left to the worker, so the loop may have
+    // claimed a row this run just recorded: then the loop sends it (one
+    // send, not two under the same key) and a later run files the file. A
+    // row already `sending` when read was left by a crashed attempt of this
+    // agent (whose lease this run holds): it is sent again, same key.
+    let claimed =
+        store.mark_delivery_sending(delivery_id, platform.now_ms(), 60_000).await.map_err(|e| e.to_string())?;
+    if !claimed && existing.as_ref().is_none_or(|row| row.state != DeliveryState::Sending) {
+        tracing::debug!(agent = %agent.name, delivery = %delivery_id, "outbox email taken by the delivery loop");
+        return Ok(());
+    }
     let row = store.get_delivery(delivery_id).await.map_err(|e| e.to_string())?.ok_or("the delivery row vanished")?;
     let mut attempt = 0;
     loop {
