@@ -192,8 +192,22 @@ pub async fn enqueue_raw_email(
     envelope: Option<JobEnvelope>,
     dedup_key: String,
 ) -> anyhow::Result<bool> {
-    let stopped_turn = stop_before_queue(state, agent, provider, raw, envelope.as_ref()).await;
-    let raw_job = RawJob { kind: JOB_KIND_EMAIL, recipient, provider, raw, envelope, dedup_key, stopped_turn };
+    // Parsed once, for the stop check and the job's header fields.
+    let header = inbound::parse(raw, &inbound_limits(state)).ok();
+    let stopped_turn = match &header {
+        Some(email) => stop_before_queue(state, agent, provider, raw, envelope.as_ref(), email).await,
+        None => false,
+    };
+    let raw_job = RawJob {
+        kind: JOB_KIND_EMAIL,
+        recipient,
+        provider,
+        raw,
+        header: header.as_ref(),
+        envelope,
+        dedup_key,
+        stopped_turn,
+    };
     let enqueued = enqueue_raw(state, &agent.id, raw_job).await?;
     tracing::info!(agent = %agent.name, provider, job = %enqueued.job_id, duplicate = enqueued.duplicate, "inbound email enqueued");
     Ok(!enqueued.duplicate)
@@ -206,6 +220,9 @@ pub(crate) struct RawJob<'a> {
     pub recipient: &'a EmailAddress,
     pub provider: &'a str,
     pub raw: &'a [u8],
+    /// `raw` parsed with `inbound_limits` (`None`: unreadable; the job
+    /// reports it), for the session id and the job's header fields.
+    pub header: Option<&'a InboundEmail>,
     pub envelope: Option<JobEnvelope>,
     pub dedup_key: String,
     pub stopped_turn: bool,
@@ -222,14 +239,12 @@ async fn stop_before_queue(
     provider: &str,
     raw: &[u8],
     envelope: Option<&JobEnvelope>,
+    email: &InboundEmail,
 ) -> bool {
-    let Ok(email) = inbound::parse(raw, &inbound_limits(state)) else {
-        return false;
-    };
-    if command_of(&email) != Some(Command::Stop) {
+    if command_of(email) != Some(Command::Stop) {
         return false;
     }
-    match sender_admitted(state, agent, provider, Some(raw), envelope, &email).await {
+    match sender_admitted(state, agent, provider, Some(raw), envelope, email).await {
         Ok(true) => {}
         Ok(false) | Err(_) => return false,
     }
@@ -253,10 +268,7 @@ pub(crate) async fn enqueue_raw(
     job: RawJob<'_>,
 ) -> anyhow::Result<tinyfat_store::Enqueued> {
     use base64::Engine as _;
-    let RawJob { kind, recipient, provider, raw, envelope, dedup_key, stopped_turn } = job;
-    let limits = InboundLimits::default();
-    // Only for the session id and the log: the job parses it again.
-    let header = inbound::parse(raw, &limits).ok();
+    let RawJob { kind, recipient, provider, raw, header, envelope, dedup_key, stopped_turn } = job;
     let message_id = header.as_ref().map(|e| e.message_id.clone());
     let session_root = message_id.clone().unwrap_or_else(|| dedup_key.clone());
     let payload = EmailJob {
@@ -533,11 +545,6 @@ pub async fn prepare_email_job_detailed(
     let Some((session, dedup_key, payload, command)) = fetch_and_check(state, agent, job).await? else {
         return Ok(None);
     };
-    if command == Some(Command::Stop) && stopped_before_queue(job) {
-        // The turn it stopped answers `Stopped.` in its own thread.
-        tracing::info!(agent = %agent.name, job = %job.id, "stop by email already stopped the running turn");
-        return Ok(None);
-    }
     let store = &state.platform.store;
     // `stop` and `/status` are answered at once, threaded, without a turn.
     let answer = match command {
@@ -546,6 +553,11 @@ pub async fn prepare_email_job_detailed(
         // `enqueue_raw_email`; a stop through Resend's webhook, whose body is
         // fetched only here, waits behind the turn it meant to stop.)
         Some(Command::Stop) => Some("Nothing is running.".to_owned()),
+        Some(Command::StoppedBeforeQueue) => {
+            // The turn it stopped answers `Stopped.` in its own thread.
+            tracing::info!(agent = %agent.name, job = %job.id, "stop by email already stopped the running turn");
+            return Ok(None);
+        }
         Some(Command::Status) => {
             Some(state.status_text(agent).await.map_err(|e| PrepareError::Transient(e.to_string()))?)
         }
@@ -590,15 +602,13 @@ pub async fn prepare_email_job_detailed(
     Ok(None)
 }
 
-/// Whether the `email` job is a `stop` that cancelled a turn on arrival.
-fn stopped_before_queue(job: &Job) -> bool {
-    serde_json::from_str::<EmailJob>(&job.payload).is_ok_and(|meta| meta.stopped_turn)
-}
-
 /// A command that skips the turn (SPEC §6), from the first line above the quote.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum Command {
     Stop,
+    /// A `stop` that already cancelled the running turn as it arrived
+    /// (`EmailJob::stopped_turn`): nothing left to answer.
+    StoppedBeforeQueue,
     Status,
 }
 
@@ -695,7 +705,11 @@ async fn fetch_and_check(
         },
         email: Some(EmailThread::from_inbound(&email)),
     };
-    Ok(Some((session, email.dedup_key(&agent.id), payload, command_of(&email))))
+    let command = match command_of(&email) {
+        Some(Command::Stop) if meta.stopped_turn => Some(Command::StoppedBeforeQueue),
+        command => command,
+    };
+    Ok(Some((session, email.dedup_key(&agent.id), payload, command)))
 }
 
 /// The message of an `email`-shaped job: the raw bytes it carries (SMTP,
@@ -721,7 +735,7 @@ pub(crate) async fn load_message(
 }
 
 /// The parser's limits for inbound mail, from the gateway settings.
-fn inbound_limits(state: &AppState) -> InboundLimits {
+pub(crate) fn inbound_limits(state: &AppState) -> InboundLimits {
     let message_bytes_max = state.platform.settings.gateway.email_body_bytes_max as usize;
     InboundLimits { message_bytes_max, ..InboundLimits::default() }
 }

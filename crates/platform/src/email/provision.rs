@@ -110,11 +110,13 @@ pub async fn enqueue_start(
     let recipient = start_address(domain)
         .ok_or_else(|| anyhow::anyhow!("email.domain {domain:?} gives no valid start@ address"))?;
     let provider = if envelope.is_some() { "smtp" } else { "raw" };
+    let header = tinyfat_channels::email::inbound::parse(raw, &super::inbound_limits(state)).ok();
     let job = super::RawJob {
         kind: JOB_KIND_START,
         recipient: &recipient,
         provider,
         raw,
+        header: header.as_ref(),
         envelope,
         dedup_key,
         stopped_turn: false,
