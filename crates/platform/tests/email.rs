@@ -7,6 +7,8 @@
 //! with `Idempotency-Key`, file in `sent/`, crash between send and move,
 //! refused recipients, 429 with `retry-after`).
 
+mod common;
+
 use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
@@ -24,7 +26,7 @@ use tinyfat_store::{Agent, DeliveryState, Job, JobState, Lease, NewDelivery, New
 use tinyfat_testkit::FakeResend;
 
 const SECRET: &str = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw";
-const OWNER: &str = "alice@example.com";
+use common::OWNER;
 
 struct Env {
     state: AppState,
@@ -69,15 +71,7 @@ async fn start_with(extra: &[(&str, &str)]) -> Env {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let base = format!("http://{}", listener.local_addr().unwrap());
     tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
-    let view = platform
-        .create_agent(CreateAgent {
-            owner: EmailAddress::parse(OWNER).unwrap(),
-            name: Some("swiftpebble".into()),
-            model: None,
-        })
-        .await
-        .unwrap();
-    let agent = platform.agent(view.id.as_str()).await.unwrap();
+    let agent = common::agent(&platform).await;
     Env { state, platform, resend, base, agent, http: reqwest::Client::new(), held: Default::default(), _dir: dir }
 }
 

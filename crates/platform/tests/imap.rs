@@ -12,23 +12,24 @@
 //! (clear state, no crash, recovers once fixed), and Authentication-Results
 //! believed only from the configured authserv-id.
 
+mod common;
+
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use futures_util::TryStreamExt;
-use tinyfat_core::{EmailAddress, Secret};
+use tinyfat_core::Secret;
 use tinyfat_platform::Platform;
 use tinyfat_platform::config::{Settings, Sources};
 use tinyfat_platform::email::imap::{PollState, PollerSettings, Pollers};
-use tinyfat_platform::provision::CreateAgent;
 use tinyfat_platform::state::AppState;
 use tinyfat_storage::validate_path;
 use tinyfat_store::{Agent, Job, JobState};
 use tinyfat_testkit::{Dovecot, FakeModel, FakeResend, Script};
 use tokio::sync::watch;
 
-const OWNER: &str = "alice@example.com";
+use common::OWNER;
 const USER: &str = "mailbot";
 const PASSWORD: &str = "correct horse";
 const AUTHSERV_ID: &str = "mx.mail.test";
@@ -150,15 +151,7 @@ async fn env(require_auth: bool) -> Env {
         Settings::load(&Sources { data_dir: Some(dir.path().to_owned()), env: vars, ..Sources::default() }).unwrap();
     let platform = Arc::new(Platform::open(settings).await.unwrap());
     let state = AppState::new(platform.clone());
-    let view = platform
-        .create_agent(CreateAgent {
-            owner: EmailAddress::parse(OWNER).unwrap(),
-            name: Some("swiftpebble".into()),
-            model: None,
-        })
-        .await
-        .unwrap();
-    let agent = platform.agent(view.id.as_str()).await.unwrap();
+    let agent = common::agent(&platform).await;
     let data = dir.path().to_owned();
     let (stop, stop_rx) = watch::channel(false);
     tokio::spawn(tinyfat_platform::worker::run(state.clone(), Default::default(), stop_rx.clone()));

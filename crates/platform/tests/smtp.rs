@@ -10,23 +10,24 @@
 //! filing resends with the same Message-ID; the password never reaches the
 //! logs or error texts.
 
+mod common;
+
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, OnceLock};
 
 use serde_json::{Value, json};
-use tinyfat_core::{EmailAddress, SessionId};
+use tinyfat_core::SessionId;
 use tinyfat_platform::Platform;
 use tinyfat_platform::clock::ManualClock;
 use tinyfat_platform::config::{Settings, Sources};
 use tinyfat_platform::email;
-use tinyfat_platform::provision::CreateAgent;
 use tinyfat_platform::state::AppState;
 use tinyfat_storage::validate_path;
 use tinyfat_store::{Agent, Claim, DeliveryState, NewDelivery, NewJob};
 use tinyfat_testkit::SmtpPeer;
 
-const OWNER: &str = "alice@example.com";
+use common::OWNER;
 const USER: &str = "tinyfat-out";
 const PASSWORD: &str = "pw-Zq8v-never-logged-41";
 const DOMAIN: &str = "agents.test";
@@ -106,15 +107,7 @@ async fn start_with_password(password: &str) -> Env {
     let mut platform = Platform::open(settings(dir.path(), &peer, password)).await.unwrap();
     let clock = ManualClock::new(chrono::Utc::now().timestamp_millis());
     platform.clock = Arc::new(clock.clone());
-    let view = platform
-        .create_agent(CreateAgent {
-            owner: EmailAddress::parse(OWNER).unwrap(),
-            name: Some("swiftpebble".into()),
-            model: None,
-        })
-        .await
-        .unwrap();
-    let agent = platform.agent(view.id.as_str()).await.unwrap();
+    let agent = common::agent(&platform).await;
     let platform = Arc::new(platform);
     Env { state: AppState::new(platform.clone()), platform, clock, agent, peer, _dir: dir }
 }
