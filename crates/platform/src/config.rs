@@ -477,6 +477,17 @@ impl Settings {
         parse_duration(&self.queue.retry_window).expect("validated")
     }
 
+    /// The store's queue policy: `queue.*` over the store's defaults.
+    pub fn queue_policy(&self) -> tinyfat_store::QueuePolicy {
+        let ms = |d: Duration| i64::try_from(d.as_millis()).unwrap_or(i64::MAX);
+        tinyfat_store::QueuePolicy {
+            dedup_ttl_ms: ms(self.dedup_ttl()),
+            retry_window_ms: ms(self.retry_window()),
+            attempts_max: self.queue.max_attempts,
+            ..tinyfat_store::QueuePolicy::default()
+        }
+    }
+
     pub fn late_grace(&self) -> Duration {
         parse_duration(&self.scheduler.late_grace).expect("validated")
     }
@@ -599,6 +610,8 @@ mod tests {
         assert_eq!(s.listen, "0.0.0.0:9");
         assert_eq!(s.model.anthropic_base_url, "http://env");
         assert_eq!(s.queue.max_attempts, 5);
+        let policy = s.queue_policy();
+        assert_eq!(policy.attempts_max, 5, "the store is opened with the configured policy");
         assert_eq!(s.queue.dedup_ttl, "7d", "a partial section keeps its other defaults");
         assert!(!s.email.require_auth);
         assert_eq!(s.provisioning.allow, ["a@b.co", "@corp.com"]);

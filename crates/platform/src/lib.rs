@@ -21,6 +21,7 @@ pub mod metrics;
 pub mod openapi;
 pub mod platform;
 pub mod provision;
+pub mod retention;
 pub mod runs;
 pub mod scheduler;
 pub mod secrets;

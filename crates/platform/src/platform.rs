@@ -41,7 +41,7 @@ impl Platform {
         }
         let keys = crate::keys::load(&settings)?;
         let database_url = settings.database_url();
-        let store = tinyfat_store::connect(&database_url)
+        let store = tinyfat_store::connect_with(&database_url, settings.queue_policy())
             .await
             .with_context(|| format!("cannot open the metadata store {database_url}"))?;
         store.migrate().await.context("database migration failed")?;

@@ -177,6 +177,7 @@ pub async fn serve(platform: Arc<Platform>, listen: &str, role: Role) -> anyhow:
         );
         background.spawn(crate::worker::run(app.clone(), config, stop_rx.clone()));
         background.spawn(crate::deliver::run(app.clone(), stop_rx.clone()));
+        background.spawn(crate::retention::run(app.clone(), stop_rx.clone()));
     }
     if matches!(role, Role::All | Role::Scheduler) {
         background.spawn(crate::scheduler::run(app.clone(), stop_rx.clone()));

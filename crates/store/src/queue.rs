@@ -145,14 +145,19 @@ impl NewJob {
         if self.kind.is_empty() || self.kind.len() > JOB_KIND_BYTES_MAX {
             return invalid(format!("job kind must be 1..={JOB_KIND_BYTES_MAX} bytes"));
         }
-        if self.payload.len() > JOB_PAYLOAD_BYTES_MAX {
-            return invalid(format!("job payload over {JOB_PAYLOAD_BYTES_MAX} bytes"));
-        }
-        if serde_json::from_str::<serde::de::IgnoredAny>(&self.payload).is_err() {
-            return invalid("job payload is not JSON".to_owned());
-        }
-        Ok(())
+        validate_payload(&self.payload)
     }
+}
+
+/// A job payload is JSON of at most `JOB_PAYLOAD_BYTES_MAX` bytes.
+pub fn validate_payload(payload: &str) -> Result<()> {
+    if payload.len() > JOB_PAYLOAD_BYTES_MAX {
+        return Err(StoreError::Invalid(format!("job payload over {JOB_PAYLOAD_BYTES_MAX} bytes")));
+    }
+    if serde_json::from_str::<serde::de::IgnoredAny>(payload).is_err() {
+        return Err(StoreError::Invalid("job payload is not JSON".to_owned()));
+    }
+    Ok(())
 }
 
 /// The answer to `enqueue`: the job's id, and whether the dedup key was
@@ -372,11 +377,15 @@ pub trait JobQueue: Send + Sync + std::fmt::Debug {
     /// window cleared (`last_error` kept). `false`: no dead job with that id.
     async fn replay(&self, id: &str, now_ms: i64) -> Result<bool>;
     async fn replay_all(&self, now_ms: i64) -> Result<u64>;
+    /// Replaces the payload of a job no worker has claimed yet (`queued`).
+    /// `false`: it is running, finished or gone, and nothing changed.
+    async fn set_queued_payload(&self, id: &str, payload: &str) -> Result<bool>;
     /// Deletes a dead job. `false`: no dead job with that id.
     async fn purge(&self, id: &str) -> Result<bool>;
     async fn purge_all_dead(&self) -> Result<u64>;
     /// Retention: deletes up to `limit` done jobs last updated before
-    /// `before_ms`. Dedup keys live apart and stay until their TTL.
+    /// `before_ms`. A job holds its dedup key (SPEC §3) until `dedup_ttl`
+    /// after its creation, so `before_ms` must be at most now − `dedup_ttl`.
     async fn purge_done(&self, before_ms: i64, limit: u32) -> Result<u64>;
 }
 

@@ -91,21 +91,14 @@ async fn dedup_key_holds_within_ttl_and_is_reused_after() {
     assert_eq!((dup_of_new.job_id.as_str(), dup_of_new.duplicate), ("j3", true), "the TTL restarts with j3");
     assert_eq!(count_rows(&store, "jobs").await, 2);
 
-    // The writer deletes expired keys every so many batches (each sequential
-    // enqueue here is a batch), so the table stays at the TTL's size.
+    // The expired holder gave its key up for good: its row stays, released.
+    let released: Vec<(String, i64)> =
+        sqlx::query_as("SELECT id, dedup_released FROM jobs WHERE dedup_key = 'telegram:7:100' ORDER BY id")
+            .fetch_all(store.pool())
+            .await
+            .unwrap();
+    assert_eq!(released, [("j1".to_owned(), 1), ("j3".to_owned(), 0)], "one holder at a time");
     store.enqueue(job("j5", "other", &a, "telegram-7"), 10_000).await.unwrap();
-    let expired = "SELECT COUNT(*) FROM job_dedup WHERE key = 'telegram:7:100'";
-    for n in 0..100 {
-        if sqlx::query_scalar::<_, i64>(expired).fetch_one(store.pool()).await.unwrap() == 0 {
-            break;
-        }
-        store.enqueue(job(&format!("filler{n}"), &format!("filler{n}"), &a, "cli-main"), 10_000).await.unwrap();
-    }
-    let left: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM job_dedup WHERE expires_ms <= 10000")
-        .fetch_one(store.pool())
-        .await
-        .unwrap();
-    assert_eq!(left, 0, "expired keys were purged within 100 batches");
     assert!(store.enqueue(job("j5b", "other", &a, "telegram-7"), 10_000).await.unwrap().duplicate, "live keys stay");
 
     // A reused job id is refused for that caller only.
@@ -115,6 +108,41 @@ async fn dedup_key_holds_within_ttl_and_is_reused_after() {
     assert!(!fresh.duplicate, "the refused enqueue left its key free");
     let bad = store.enqueue(NewJob { payload: "not json".into(), ..job("j6", "k6", &a, "cli-main") }, 1).await;
     assert!(matches!(bad, Err(StoreError::Invalid(_))), "{bad:?}");
+}
+
+#[tokio::test]
+async fn an_expired_key_repeated_in_one_batch_goes_to_the_first_job_only() {
+    let dir = tempfile::tempdir().unwrap();
+    let policy = QueuePolicy { dedup_ttl_ms: 1_000, ..QueuePolicy::default() };
+    let store = open_with(&dir, policy).await;
+    let a = agent(1);
+    store.enqueue(job("old", "k", &a, "cli-main"), 0).await.unwrap();
+    // Spawned together on this single-threaded runtime: one batch.
+    let requests = [job("ja", "k", &a, "cli-main"), job("jb", "k", &a, "cli-main"), job("old", "k2", &a, "cli-main")];
+    let tasks: Vec<_> = requests
+        .into_iter()
+        .map(|j| {
+            let store = store.clone();
+            tokio::spawn(async move { store.enqueue(j, 2_000).await })
+        })
+        .collect();
+    let mut answers = Vec::new();
+    for task in tasks {
+        answers.push(task.await.unwrap());
+    }
+    let ok = |i: usize| answers[i].as_ref().map(|e| (e.job_id.as_str(), e.duplicate)).unwrap();
+    assert_eq!(ok(0), ("ja", false), "the first job takes the expired key over");
+    assert_eq!(ok(1), ("ja", true), "the second finds it taken by the first");
+    assert!(matches!(answers[2], Err(StoreError::Conflict("job id"))), "{:?}", answers[2]);
+    assert_eq!(count_rows(&store, "jobs").await, 2);
+
+    // The one-transaction path (`enqueue_each`) answers the same.
+    let each = store.enqueue_each(job("jc", "k", &a, "cli-main"), 2_500).await.unwrap();
+    assert_eq!((each.job_id.as_str(), each.duplicate), ("ja", true));
+    let each = store.enqueue_each(job("jd", "k", &a, "cli-main"), 3_000).await.unwrap();
+    assert_eq!((each.job_id.as_str(), each.duplicate), ("jd", false), "expired again: taken over");
+    let clash = store.enqueue_each(job("jd", "k3", &a, "cli-main"), 3_000).await.unwrap_err();
+    assert!(matches!(clash, StoreError::Conflict("job id")), "{clash:?}");
 }
 
 #[tokio::test]
@@ -203,7 +231,7 @@ async fn a_failed_batch_fails_every_caller_and_stores_nothing() {
         assert!(matches!(answer, Err(StoreError::Commit(_))), "{answer:?}");
     }
     sqlx::query("ALTER TABLE jobs_away RENAME TO jobs").execute(store.pool()).await.unwrap();
-    assert_eq!(count_rows(&store, "job_dedup").await, 0, "the batch rolled back, dedup keys included");
+    assert_eq!(count_rows(&store, "jobs").await, 0, "the batch rolled back");
     let retry = store.enqueue(job("j0", "k0", &a, "cli-main"), 2).await.unwrap();
     assert!(!retry.duplicate, "a retry after the failure is a new job");
 }
@@ -581,6 +609,12 @@ async fn dead_letters_are_listed_replayed_and_purged() {
     );
     assert!(!store.replay("d1", 500).await.unwrap(), "only dead jobs replay");
     assert!(!store.replay("live", 500).await.unwrap());
+    assert!(store.set_queued_payload("live", r#"{"stopped_turn":true}"#).await.unwrap());
+    assert_eq!(store.get_job("live").await.unwrap().unwrap().payload, r#"{"stopped_turn":true}"#);
+    assert!(!store.set_queued_payload("d3", "{}").await.unwrap(), "a dead job's payload stays");
+    assert!(!store.set_queued_payload("nope", "{}").await.unwrap());
+    let bad = store.set_queued_payload("live", "not json").await;
+    assert!(matches!(bad, Err(StoreError::Invalid(_))), "{bad:?}");
     assert!(!store.purge("live").await.unwrap(), "only dead jobs purge");
     assert!(store.purge("d2").await.unwrap());
     assert!(store.get_job("d2").await.unwrap().is_none());

@@ -5,8 +5,12 @@
 //! statement, as sqlx would make). Callers put their job on a bounded
 //! channel and wait on a oneshot. The thread takes everything waiting (up to
 //! `enqueue_batch_max`) and writes it in ONE `BEGIN IMMEDIATE` transaction:
-//! a multi-row insert per table, every value a bound parameter, through
-//! statements prepared once per row count (`BULK_ROWS`). Batches form by
+//! one multi-row `INSERT OR IGNORE` into `jobs`, every value a bound
+//! parameter, through statements prepared once per row count (`BULK_ROWS`).
+//! A job whose dedup key is held (the partial unique index `jobs_dedup`) or
+//! whose id is taken is skipped by that insert; only when some row was
+//! skipped does the writer look up each key's holder to answer its caller
+//! (and release a key whose holder expired, then insert again). Batches form by
 //! themselves: while one batch is written, the next callers queue up, so
 //! there is no timer and no added latency when idle.
 //!
@@ -55,19 +59,11 @@ use crate::{Enqueued, NewJob, QueuePolicy, Result, StoreError};
 /// Least time between two background checkpoints.
 const CHECKPOINT_EVERY: Duration = Duration::from_millis(100);
 
-/// Most expired dedup keys one purge deletes: bounded work on the commit
-/// path, and twice the largest batch, so purging outpaces expiry.
-const DEDUP_PURGE_MAX: i64 = 512;
-/// When a purge found less than `DEDUP_PURGE_MAX`, the next one waits this
-/// many batches (a purge is one more statement on the commit path).
-const DEDUP_PURGE_EVERY_BATCHES: u32 = 64;
-
 /// Row counts the bulk statements are prepared for: a bulk of `n` rows
 /// binds the smallest that holds it and pads the rest with NULL rows, which
 /// the statements filter out. Five shapes per statement, each prepared once.
 const BULK_ROWS: [usize; 5] = [1, 4, 16, 64, 256];
-/// Values per row of `take_keys_sql` and of `insert_jobs_sql`.
-const KEY_COLUMNS: usize = 4;
+/// Values per row of `insert_jobs_sql`.
 const JOB_COLUMNS: usize = 7;
 
 /// Where the writer's connection and its syncer work.
@@ -222,7 +218,6 @@ fn write_loop(
 ) {
     let batch_max = policy.enqueue_batch_max.max(1);
     let mut batch = Vec::with_capacity(batch_max);
-    let mut batches_to_purge = 0;
     let mut writer = Some(writer);
     // Ends the syncer once it has answered the last batch.
     struct Close<'a>(&'a Handoff);
@@ -237,26 +232,20 @@ fn write_loop(
         if rx.blocking_recv_many(&mut batch, batch_max) == 0 {
             break;
         }
-        let purge = batches_to_purge == 0;
         let written = match writer.take() {
             Some(w) => Ok(w),
             // Opened again after a failed batch, in case its connection broke.
             None => BatchWriter::open(config),
         }
         .and_then(|mut w| {
-            let answers = w.write(&batch, policy.dedup_ttl_ms, purge)?;
+            let answers = w.write(&batch, policy.dedup_ttl_ms)?;
             writer = Some(w);
             Ok(answers)
         });
         match written {
-            Ok((answers, purged, version)) => {
+            Ok((answers, version)) => {
                 catalog.observe(version);
                 committed.send_replace(());
-                if purge {
-                    batches_to_purge = if purged < DEDUP_PURGE_MAX as u64 { DEDUP_PURGE_EVERY_BATCHES } else { 0 };
-                } else {
-                    batches_to_purge -= 1;
-                }
                 to_sync.give(batch.drain(..).map(|request| request.reply).zip(answers).collect());
             }
             Err(error) => {
@@ -326,50 +315,49 @@ fn values_rows(rows: usize, columns: usize) -> String {
     vec![row; rows].join(", ")
 }
 
-/// Takes each key, or takes it over once expired (the row's own time is
-/// `expires - ttl`, the ttl bound last); RETURNING names the keys taken.
-/// Rows: key, job id, agent id, expires.
-fn take_keys_sql(rows: usize) -> String {
-    format!(
-        "INSERT INTO job_dedup (key, job_id, agent_id, expires_ms) \
-         SELECT column1, column2, column3, column4 FROM (VALUES {}) WHERE column1 IS NOT NULL \
-         ON CONFLICT (key) DO UPDATE SET job_id = excluded.job_id, agent_id = excluded.agent_id, \
-         expires_ms = excluded.expires_ms WHERE job_dedup.expires_ms <= excluded.expires_ms - ? \
-         RETURNING key",
-        values_rows(rows, KEY_COLUMNS)
-    )
-}
-
-/// Inserts queued jobs; RETURNING names the ids inserted (a taken id is
-/// left alone). Rows: id, dedup key, agent id, session, kind, payload, now.
+/// Inserts queued jobs, skipping (OR IGNORE) any whose dedup key is held
+/// or whose id is taken. Rows: id, dedup key, agent id, session, kind,
+/// payload, now. No RETURNING: the connection's change count tells whether
+/// every row went in, which is the common case, and RETURNING costs every
+/// row a trip through a temporary table.
 fn insert_jobs_sql(rows: usize) -> String {
     format!(
-        "INSERT INTO jobs (id, dedup_key, agent_id, session, kind, payload, state, attempts, failures, \
+        "INSERT OR IGNORE INTO jobs (id, dedup_key, agent_id, session, kind, payload, state, attempts, failures, \
          next_run_at_ms, created_ms, updated_ms) \
          SELECT column1, column2, column3, column4, column5, column6, 'queued', 0, 0, column7, column7, column7 \
-         FROM (VALUES {}) WHERE column1 IS NOT NULL \
-         ON CONFLICT (id) DO NOTHING RETURNING id",
+         FROM (VALUES {}) WHERE column1 IS NOT NULL",
         values_rows(rows, JOB_COLUMNS)
     )
 }
 
-const KEY_HOLDER_SQL: &str = "SELECT job_id FROM job_dedup WHERE key = ?";
-/// After a refused insert (the caller reused a job id, a bug on its side,
-/// refused for it alone), gives the key back. If the key had expired and was
-/// taken over, deleting it is what the expiry purge would have done.
-const RELEASE_KEY_SQL: &str = "DELETE FROM job_dedup WHERE key = ? AND job_id = ?";
-const PURGE_SQL: &str = "DELETE FROM job_dedup WHERE key IN \
-     (SELECT key FROM job_dedup WHERE expires_ms <= ? ORDER BY expires_ms LIMIT ?)";
+/// The job holding a key, and when it took it.
+const KEY_HOLDER_SQL: &str = "SELECT id, created_ms FROM jobs WHERE dedup_key = ? AND dedup_released = 0";
+/// Frees the key of a job whose hold expired, for the job taking it over.
+const RELEASE_KEY_SQL: &str = "UPDATE jobs SET dedup_released = 1 WHERE id = ?";
 const CATALOG_VERSION_SQL: &str = "SELECT version FROM catalog_version WHERE id = 1";
 
-/// The values of one job in a `take_keys_sql` row.
-fn key_row(job: &NewJob, now_ms: i64, dedup_ttl_ms: i64) -> [Value<'_>; KEY_COLUMNS] {
-    [
-        Value::Text(&job.dedup_key),
-        Value::Text(&job.id),
-        Value::Text(job.agent_id.as_str()),
-        Value::Int(now_ms.saturating_add(dedup_ttl_ms)),
-    ]
+/// What a skipped-or-not insert meant for one job, read from its key's
+/// holder after the insert.
+#[derive(Debug, PartialEq, Eq)]
+enum Verdict {
+    /// The job holds its key: inserted. (A job re-enqueued under its own id
+    /// and key also lands here: exactly one such job exists either way.)
+    Inserted,
+    /// An earlier job holds the key within the TTL.
+    Duplicate(String),
+    /// The holder's TTL ran out: release its key and insert again.
+    Expired(String),
+    /// Nobody holds the key, so the insert was skipped for the id.
+    IdTaken,
+}
+
+fn verdict(job: &NewJob, holder: Option<(String, i64)>, now_ms: i64, dedup_ttl_ms: i64) -> Verdict {
+    match holder {
+        Some((id, _)) if id == job.id => Verdict::Inserted,
+        Some((id, created_ms)) if created_ms <= now_ms.saturating_sub(dedup_ttl_ms) => Verdict::Expired(id),
+        Some((id, _)) => Verdict::Duplicate(id),
+        None => Verdict::IdTaken,
+    }
 }
 
 /// The values of one job in an `insert_jobs_sql` row.
@@ -395,11 +383,9 @@ enum Value<'a> {
 /// store opens before its migrations run).
 struct BatchWriter {
     conn: Connection,
-    take_keys: [Option<Statement>; BULK_ROWS.len()],
     insert_jobs: [Option<Statement>; BULK_ROWS.len()],
     key_holder: Option<Statement>,
     release_key: Option<Statement>,
-    purge: Option<Statement>,
     catalog_version: Option<Statement>,
 }
 
@@ -409,30 +395,16 @@ impl BatchWriter {
     fn open(config: &WriterConfig) -> RawResult<Self> {
         let conn = Connection::open(&config.db, config.busy_timeout)?;
         conn.execute_batch(&config.pragmas)?;
-        Ok(Self {
-            conn,
-            take_keys: Default::default(),
-            insert_jobs: Default::default(),
-            key_holder: None,
-            release_key: None,
-            purge: None,
-            catalog_version: None,
-        })
+        Ok(Self { conn, insert_jobs: Default::default(), key_holder: None, release_key: None, catalog_version: None })
     }
 
-    /// One transaction for the whole batch. With `purge`, also deletes
-    /// expired dedup keys and says how many. Answers the catalog version the
+    /// One transaction for the whole batch. Answers the catalog version the
     /// transaction saw. The outer error fails the batch (rolled back); an
     /// inner error belongs to one caller (its job id was taken, or its
     /// catalog view is stale).
-    fn write(
-        &mut self,
-        batch: &[Request],
-        dedup_ttl_ms: i64,
-        purge: bool,
-    ) -> RawResult<(Vec<Result<Enqueued>>, u64, i64)> {
+    fn write(&mut self, batch: &[Request], dedup_ttl_ms: i64) -> RawResult<(Vec<Result<Enqueued>>, i64)> {
         self.conn.execute_batch("BEGIN IMMEDIATE")?;
-        let written = self.write_in_transaction(batch, dedup_ttl_ms, purge).and_then(|answers| {
+        let written = self.write_in_transaction(batch, dedup_ttl_ms).and_then(|answers| {
             self.conn.execute_batch("COMMIT")?;
             Ok(answers)
         });
@@ -448,8 +420,7 @@ impl BatchWriter {
         &mut self,
         batch: &[Request],
         dedup_ttl_ms: i64,
-        purge: bool,
-    ) -> RawResult<(Vec<Result<Enqueued>>, u64, i64)> {
+    ) -> RawResult<(Vec<Result<Enqueued>>, i64)> {
         let statement = prepared(&self.conn, &mut self.catalog_version, || CATALOG_VERSION_SQL.to_owned())?;
         let version = run(statement, &[], |s| s.int(0))?.first().copied().unwrap_or(0);
         let mut answers: Vec<Option<Result<Enqueued>>> = batch.iter().map(|_| None).collect();
@@ -461,82 +432,67 @@ impl BatchWriter {
                 pending.push(i);
             }
         }
-        // Rounds of jobs with distinct keys and ids. A job that repeats the
-        // key or id of an earlier one waits for a later round, and so does
-        // every job after it that shares one of its own: so each job sees
-        // the rows of every job before it, as if inserted one by one.
+        // In batch order, so a job that repeats an earlier one's key or id
+        // is skipped in its favour, as if inserted one by one. Only jobs
+        // whose expired key was released come round again.
         while !pending.is_empty() {
-            let (mut keys, mut ids) = (HashSet::new(), HashSet::new());
-            let (round, later): (Vec<usize>, Vec<usize>) = pending.iter().partition(|&&i| {
-                let job = &batch[i].job;
-                keys.insert(job.dedup_key.as_str()) & ids.insert(job.id.as_str())
-            });
-            self.insert_round(batch, &round, dedup_ttl_ms, &mut answers)?;
-            pending = later;
+            pending = self.insert_round(batch, &pending, dedup_ttl_ms, &mut answers)?;
         }
-        let mut purged = 0;
-        if purge {
-            let now_ms = batch.iter().map(|r| r.now_ms).max().unwrap_or(i64::MIN);
-            let statement = prepared(&self.conn, &mut self.purge, || PURGE_SQL.to_owned())?;
-            run(statement, &[Value::Int(now_ms), Value::Int(DEDUP_PURGE_MAX)], |_| Ok(()))?;
-            purged = self.conn.changes();
-        }
-        // Every index was admitted to a round or refused above.
+        // Every index was answered or refused above.
         let missing = || Err(StoreError::Corrupt("a batched enqueue got no answer".to_owned()));
-        Ok((answers.into_iter().map(|a| a.unwrap_or_else(missing)).collect(), purged, version))
+        Ok((answers.into_iter().map(|a| a.unwrap_or_else(missing)).collect(), version))
     }
 
-    /// Inserts jobs with distinct keys and ids: the keys first (a key held
-    /// by an unexpired earlier job answers that job as a duplicate), then
-    /// the jobs whose keys were taken.
+    /// Inserts the jobs of `round` and answers them; returns those to insert
+    /// again (their key's holder expired and was released).
     fn insert_round(
         &mut self,
         batch: &[Request],
         round: &[usize],
         dedup_ttl_ms: i64,
         answers: &mut [Option<Result<Enqueued>>],
-    ) -> RawResult<()> {
-        let mut taken = HashSet::with_capacity(round.len());
+    ) -> RawResult<Vec<usize>> {
+        let mut skipped = false;
         for (shape, chunk) in bulk_chunks(round) {
-            let statement = prepared(&self.conn, &mut self.take_keys[shape], || take_keys_sql(BULK_ROWS[shape]))?;
-            let rows = chunk.iter().map(|&i| key_row(&batch[i].job, batch[i].now_ms, dedup_ttl_ms));
-            let mut values = padded(rows, BULK_ROWS[shape]);
-            values.push(Some(Value::Int(dedup_ttl_ms)));
-            taken.extend(run_padded(statement, &values, |s| s.text(0))?.into_iter().flatten());
+            let statement = prepared(&self.conn, &mut self.insert_jobs[shape], || insert_jobs_sql(BULK_ROWS[shape]))?;
+            let rows = chunk.iter().map(|&i| job_row(&batch[i].job, batch[i].now_ms));
+            run_padded(statement, &padded(rows, BULK_ROWS[shape]), |_| Ok(()))?;
+            skipped |= self.conn.changes() < chunk.len() as u64;
         }
-        let mut fresh = Vec::with_capacity(round.len());
+        if !skipped {
+            for &i in round {
+                answers[i] = Some(Ok(Enqueued { job_id: batch[i].job.id.clone(), duplicate: false }));
+            }
+            return Ok(Vec::new());
+        }
+        // Some row was skipped: each key's holder tells which, and why.
+        let mut again = Vec::new();
+        let mut released = HashSet::new();
         for &i in round {
             let job = &batch[i].job;
-            if taken.contains(job.dedup_key.as_str()) {
-                fresh.push(i);
+            if released.contains(job.dedup_key.as_str()) {
+                // An earlier job of this round takes the released key first.
+                again.push(i);
                 continue;
             }
             let statement = prepared(&self.conn, &mut self.key_holder, || KEY_HOLDER_SQL.to_owned())?;
-            let holder = run(statement, &[Value::Text(&job.dedup_key)], |s| s.text(0))?;
-            answers[i] = Some(match holder.into_iter().flatten().next() {
-                Some(first) => Ok(Enqueued { job_id: first, duplicate: true }),
-                None => Err(StoreError::Corrupt(format!("dedup key {:?} vanished", job.dedup_key))),
+            let holder = run(statement, &[Value::Text(&job.dedup_key)], |s| Ok((s.text(0)?, s.int(1)?)))?
+                .into_iter()
+                .find_map(|(id, created_ms)| Some((id?, created_ms)));
+            answers[i] = Some(match verdict(job, holder, batch[i].now_ms, dedup_ttl_ms) {
+                Verdict::Inserted => Ok(Enqueued { job_id: job.id.clone(), duplicate: false }),
+                Verdict::Duplicate(first) => Ok(Enqueued { job_id: first, duplicate: true }),
+                Verdict::IdTaken => Err(StoreError::Conflict("job id")),
+                Verdict::Expired(holder) => {
+                    let statement = prepared(&self.conn, &mut self.release_key, || RELEASE_KEY_SQL.to_owned())?;
+                    run(statement, &[Value::Text(&holder)], |_| Ok(()))?;
+                    released.insert(job.dedup_key.as_str());
+                    again.push(i);
+                    continue;
+                }
             });
         }
-
-        let mut inserted = HashSet::with_capacity(fresh.len());
-        for (shape, chunk) in bulk_chunks(&fresh) {
-            let statement = prepared(&self.conn, &mut self.insert_jobs[shape], || insert_jobs_sql(BULK_ROWS[shape]))?;
-            let rows = chunk.iter().map(|&i| job_row(&batch[i].job, batch[i].now_ms));
-            inserted
-                .extend(run_padded(statement, &padded(rows, BULK_ROWS[shape]), |s| s.text(0))?.into_iter().flatten());
-        }
-        for i in fresh {
-            let job = &batch[i].job;
-            answers[i] = Some(if inserted.contains(job.id.as_str()) {
-                Ok(Enqueued { job_id: job.id.clone(), duplicate: false })
-            } else {
-                let statement = prepared(&self.conn, &mut self.release_key, || RELEASE_KEY_SQL.to_owned())?;
-                run(statement, &[Value::Text(&job.dedup_key), Value::Text(&job.id)], |_| Ok(()))?;
-                Err(StoreError::Conflict("job id"))
-            });
-        }
-        Ok(())
+        Ok(again)
     }
 }
 
@@ -603,40 +559,40 @@ fn run_padded<T>(
 }
 
 /// Inserts one job inside the caller's transaction (through sqlx, with the
-/// same statements as a batch of one), unless its dedup key is taken and
-/// unexpired (then answers the first job's id as a duplicate).
+/// same statements as a batch of one), unless its dedup key is held within
+/// the TTL (then answers the first job's id as a duplicate).
 pub(crate) async fn insert_job(
     conn: &mut SqliteConnection,
     job: &NewJob,
     now_ms: i64,
     dedup_ttl_ms: i64,
 ) -> Result<Result<Enqueued>> {
-    let [key, id, agent, expires] = key_row(job, now_ms, dedup_ttl_ms);
-    let took: Option<String> =
-        bind(sqlx::query_scalar(sqlx::AssertSqlSafe(take_keys_sql(1))), [key, id, agent, expires])
-            .bind(dedup_ttl_ms)
-            .fetch_optional(&mut *conn)
+    loop {
+        let inserted = bind(sqlx::query(sqlx::AssertSqlSafe(insert_jobs_sql(1))), job_row(job, now_ms))
+            .execute(&mut *conn)
             .await?;
-    if took.is_none() {
-        let first: String = sqlx::query_scalar(KEY_HOLDER_SQL).bind(&job.dedup_key).fetch_one(&mut *conn).await?;
-        return Ok(Ok(Enqueued { job_id: first, duplicate: true }));
+        if inserted.rows_affected() == 1 {
+            return Ok(Ok(Enqueued { job_id: job.id.clone(), duplicate: false }));
+        }
+        let holder: Option<(String, i64)> =
+            sqlx::query_as(KEY_HOLDER_SQL).bind(&job.dedup_key).fetch_optional(&mut *conn).await?;
+        return Ok(match verdict(job, holder, now_ms, dedup_ttl_ms) {
+            Verdict::Inserted => Ok(Enqueued { job_id: job.id.clone(), duplicate: false }),
+            Verdict::Duplicate(first) => Ok(Enqueued { job_id: first, duplicate: true }),
+            Verdict::IdTaken => Err(StoreError::Conflict("job id")),
+            Verdict::Expired(holder) => {
+                sqlx::query(RELEASE_KEY_SQL).bind(holder).execute(&mut *conn).await?;
+                continue;
+            }
+        });
     }
-    let inserted: Option<String> =
-        bind(sqlx::query_scalar(sqlx::AssertSqlSafe(insert_jobs_sql(1))), job_row(job, now_ms))
-            .fetch_optional(&mut *conn)
-            .await?;
-    if inserted.is_none() {
-        sqlx::query(RELEASE_KEY_SQL).bind(&job.dedup_key).bind(&job.id).execute(&mut *conn).await?;
-        return Ok(Err(StoreError::Conflict("job id")));
-    }
-    Ok(Ok(Enqueued { job_id: job.id.clone(), duplicate: false }))
 }
 
 /// Binds `values` in order to a sqlx query.
-fn bind<'q, O, const N: usize>(
-    mut query: sqlx::query::QueryScalar<'q, sqlx::Sqlite, O, sqlx::sqlite::SqliteArguments>,
+fn bind<'q, const N: usize>(
+    mut query: sqlx::query::Query<'q, sqlx::Sqlite, sqlx::sqlite::SqliteArguments>,
     values: [Value<'q>; N],
-) -> sqlx::query::QueryScalar<'q, sqlx::Sqlite, O, sqlx::sqlite::SqliteArguments> {
+) -> sqlx::query::Query<'q, sqlx::Sqlite, sqlx::sqlite::SqliteArguments> {
     for value in values {
         query = match value {
             Value::Text(text) => query.bind(text),

@@ -472,6 +472,16 @@ impl JobQueue for SqliteStore {
         Ok(done.rows_affected())
     }
 
+    async fn set_queued_payload(&self, id: &str, payload: &str) -> Result<bool> {
+        crate::queue::validate_payload(payload)?;
+        let done = sqlx::query("UPDATE jobs SET payload = ? WHERE id = ? AND state = 'queued'")
+            .bind(payload)
+            .bind(id)
+            .execute(&self.pool)
+            .await?;
+        Ok(done.rows_affected() == 1)
+    }
+
     async fn purge(&self, id: &str) -> Result<bool> {
         let done = sqlx::query("DELETE FROM jobs WHERE id = ? AND state = 'dead'").bind(id).execute(&self.pool).await?;
         Ok(done.rows_affected() == 1)
