@@ -110,6 +110,28 @@ async fn dedup_key_holds_within_ttl_and_is_reused_after() {
     assert!(matches!(bad, Err(StoreError::Invalid(_))), "{bad:?}");
 }
 
+/// Enqueues `jobs` from tasks spawned together: on a single-threaded
+/// runtime they all reach the writer before it runs, so they share one
+/// batch. Answers in the order of `jobs`.
+async fn enqueue_in_one_batch<const N: usize>(
+    store: &SqliteStore,
+    jobs: [NewJob; N],
+    now_ms: i64,
+) -> Vec<Result<tinyfat_store::Enqueued, StoreError>> {
+    let tasks: Vec<_> = jobs
+        .into_iter()
+        .map(|j| {
+            let store = store.clone();
+            tokio::spawn(async move { store.enqueue(j, now_ms).await })
+        })
+        .collect();
+    let mut answers = Vec::new();
+    for task in tasks {
+        answers.push(task.await.unwrap());
+    }
+    answers
+}
+
 #[tokio::test]
 async fn an_expired_key_repeated_in_one_batch_goes_to_the_first_job_only() {
     let dir = tempfile::tempdir().unwrap();
@@ -117,19 +139,8 @@ async fn an_expired_key_repeated_in_one_batch_goes_to_the_first_job_only() {
     let store = open_with(&dir, policy).await;
     let a = agent(1);
     store.enqueue(job("old", "k", &a, "cli-main"), 0).await.unwrap();
-    // Spawned together on this single-threaded runtime: one batch.
     let requests = [job("ja", "k", &a, "cli-main"), job("jb", "k", &a, "cli-main"), job("old", "k2", &a, "cli-main")];
-    let tasks: Vec<_> = requests
-        .into_iter()
-        .map(|j| {
-            let store = store.clone();
-            tokio::spawn(async move { store.enqueue(j, 2_000).await })
-        })
-        .collect();
-    let mut answers = Vec::new();
-    for task in tasks {
-        answers.push(task.await.unwrap());
-    }
+    let answers = enqueue_in_one_batch(&store, requests, 2_000).await;
     let ok = |i: usize| answers[i].as_ref().map(|e| (e.job_id.as_str(), e.duplicate)).unwrap();
     assert_eq!(ok(0), ("ja", false), "the first job takes the expired key over");
     assert_eq!(ok(1), ("ja", true), "the second finds it taken by the first");
@@ -160,20 +171,8 @@ async fn one_batch_with_repeated_keys_and_ids_answers_each_caller_right() {
         NewJob { payload: payload.into(), ..job("j4", "k4", &a, "cli-main") },
         job("j6", "k0", &a, "cli-main"),
     ];
-    // Spawned together on this single-threaded runtime, they reach the
-    // writer before it runs, so they share one batch; the answers must be
-    // the same however they are batched.
-    let tasks: Vec<_> = requests
-        .into_iter()
-        .map(|j| {
-            let store = store.clone();
-            tokio::spawn(async move { store.enqueue(j, 7).await })
-        })
-        .collect();
-    let mut answers = Vec::new();
-    for task in tasks {
-        answers.push(task.await.unwrap());
-    }
+    // The answers must be the same however they are batched.
+    let answers = enqueue_in_one_batch(&store, requests, 7).await;
     let ok = |i: usize| answers[i].as_ref().map(|e| (e.job_id.as_str(), e.duplicate)).unwrap();
     assert_eq!(ok(0), ("j1", false));
     assert_eq!(ok(1), ("j1", true), "same key in the same batch: a duplicate");

@@ -4,7 +4,9 @@
 //! outcome is at-least-once — after the restart the reply is resent with the
 //! same Message-ID `<{delivery_id}@{email.domain}>`, marked sent, and filed in
 //! `outbox/sent/` by the agent's next run. The server's logs (at trace level)
-//! never contain the SMTP password.
+//! never contain the SMTP password. Also, with the same server: a `stop`
+//! arriving through Resend's webhook while a turn streams stops that turn
+//! without waiting behind it (SPEC §6), and is answered once.
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -93,10 +95,16 @@ fn header(raw: &str, name: &str) -> Option<String> {
 }
 
 fn inbound(resend: &FakeResend, agent_email: &str, id: &str, message_id: &str) -> Value {
+    inbound_text(resend, agent_email, id, message_id, "How are the numbers?\n")
+}
+
+/// A received email with `text` served by the fake Resend, and the webhook
+/// body that announces it.
+fn inbound_text(resend: &FakeResend, agent_email: &str, id: &str, message_id: &str, text: &str) -> Value {
     resend.add_received(json!({
         "object": "email", "id": id, "to": [agent_email], "from": "Ann <ann@example.com>",
         "created_at": "2026-07-01T12:00:00.000000+00:00", "subject": "Numbers",
-        "text": "How are the numbers?\n", "html": null, "message_id": message_id,
+        "text": text, "html": null, "message_id": message_id,
         "headers": {}, "attachments": []
     }));
     json!({
@@ -170,4 +178,56 @@ async fn kill_9_while_the_smtp_server_holds_its_250_resends_with_the_same_messag
     let log = std::fs::read_to_string(&log).unwrap();
     assert!(log.contains("email: sending via SMTP 127.0.0.1"), "the startup line names the SMTP server");
     assert!(!log.contains(PASSWORD), "the SMTP password reached the server's log");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_stop_through_the_resend_webhook_stops_the_running_turn_and_is_answered_once() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = tmp.path().join("data");
+    let fake = FakeModel::start().await;
+    let resend = FakeResend::start().await;
+    let peer = SmtpPeer::start("out", PASSWORD);
+    let agent = cli(&data, &["agent", "create", "--owner", "ann@example.com", "--name", "stopper"]);
+    let (agent_id, agent_email) = (agent["id"].as_str().unwrap(), agent["email"].as_str().unwrap());
+    let deltas: Vec<String> = (0..20).map(|i| format!("chunk{i} ")).collect();
+    let deltas: Vec<&str> = deltas.iter().map(String::as_str).collect();
+    fake.push(Script::text_deltas(&deltas).with_chunk_delay(Duration::from_millis(300)));
+    let server = Server::start(&data, &fake, &resend, &peer, &tmp.path().join("serve.log"));
+
+    let story = inbound_text(&resend, agent_email, "em_story", "<story@example.com>", "Tell me a long story.\n");
+    server.webhook("msg_story", &story).await;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while fake.requests().is_empty() {
+        assert!(Instant::now() < deadline, "the turn never called the model");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+
+    // The stop's job would be claimed only after the 6 s turn (it needs the
+    // agent's lease); the body is fetched right after the ack instead.
+    let stop = "Stop\n\nOn Wed, Ann wrote:\n> Tell me a long story.\n";
+    let sent_at = Instant::now();
+    server.webhook("msg_stop", &inbound_text(&resend, agent_email, "em_stop", "<stop@example.com>", stop)).await;
+    let replies = peer.wait_for(1, Duration::from_secs(30));
+    let stopped_after = sent_at.elapsed();
+    assert!(replies[0].0.contains("Stopped."), "the story's thread is told it stopped: {}", replies[0].0);
+    assert!(!replies[0].0.contains("chunk19"), "{}", replies[0].0);
+    assert_eq!(header(&replies[0].0, "In-Reply-To").as_deref(), Some("<story@example.com>"));
+    assert!(stopped_after < Duration::from_secs(4), "stop took {stopped_after:?}");
+
+    // The stop mail's own job runs after the turn and answers nothing more.
+    let store = tinyfat_store::connect(&format!("sqlite://{}", data.join("tinyfat.db").display())).await.unwrap();
+    let agent_id = tinyfat_core::AgentId::parse(agent_id).unwrap();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let jobs = store.jobs_for(&agent_id, 100).await.unwrap();
+        let emails: Vec<_> = jobs.iter().filter(|j| j.kind == "email").collect();
+        if emails.len() == 2 && emails.iter().all(|j| j.state == tinyfat_store::JobState::Done) {
+            break;
+        }
+        assert!(Instant::now() < deadline, "the email jobs did not finish: {jobs:?}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(peer.messages().len(), 1, "one answer in all (no \"Nothing is running.\")");
+    assert_eq!(fake.requests().len(), 1, "the stop mail started no turn");
 }

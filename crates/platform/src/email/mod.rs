@@ -228,11 +228,24 @@ pub(crate) struct RawJob<'a> {
     pub stopped_turn: bool,
 }
 
-/// `stop` by mail skips the queue (SPEC §6): when `raw` is a `stop` (the
-/// first line above the quote) from a sender the job's own checks would
-/// admit, cancels the agent's running turn now. True when a turn was asked
-/// to stop. Anything else (not a stop, a sender refused, a store error) is
-/// false and left to the job.
+/// Whether `email` is a `stop` (the first line above the quote) from a
+/// sender the job's own checks would admit. A refusal or a store error is
+/// false: the job then handles the mail as usual.
+async fn is_admitted_stop(
+    state: &AppState,
+    agent: &Agent,
+    provider: &str,
+    raw: Option<&[u8]>,
+    envelope: Option<&JobEnvelope>,
+    email: &InboundEmail,
+) -> bool {
+    command_of(email) == Some(Command::Stop)
+        && matches!(sender_admitted(state, agent, provider, raw, envelope, email).await, Ok(true))
+}
+
+/// `stop` by mail skips the queue (SPEC §6): when `raw` is an admitted
+/// `stop`, cancels the agent's running turn now. True when a turn was asked
+/// to stop. Anything else is false and left to the job.
 async fn stop_before_queue(
     state: &AppState,
     agent: &Agent,
@@ -241,12 +254,8 @@ async fn stop_before_queue(
     envelope: Option<&JobEnvelope>,
     email: &InboundEmail,
 ) -> bool {
-    if command_of(email) != Some(Command::Stop) {
+    if !is_admitted_stop(state, agent, provider, Some(raw), envelope, email).await {
         return false;
-    }
-    match sender_admitted(state, agent, provider, Some(raw), envelope, email).await {
-        Ok(true) => {}
-        Ok(false) | Err(_) => return false,
     }
     match state.stop_running_turn(agent).await {
         Ok(stopped) => {
@@ -452,6 +461,7 @@ async fn resend_webhook(State(state): State<AppState>, headers: HeaderMap, body:
             start,
         ));
     }
+    let mut stop_checks = Vec::new();
     for (agent_id, name, kind, dedup_key, recipient) in targets {
         let payload = EmailJob {
             provider: "resend".into(),
@@ -469,7 +479,7 @@ async fn resend_webhook(State(state): State<AppState>, headers: HeaderMap, body:
         let job = NewJob {
             id: tinyfat_core::ids::new_ulid_string(ulid::Ulid::new()),
             dedup_key,
-            agent_id,
+            agent_id: agent_id.clone(),
             session: session.clone(),
             kind: kind.into(),
             payload: serde_json::to_string(&payload).expect("serialisable"),
@@ -478,6 +488,9 @@ async fn resend_webhook(State(state): State<AppState>, headers: HeaderMap, body:
             Ok(enqueued) => {
                 if !enqueued.duplicate {
                     state.wake.notify_one();
+                    if let Some((agent, _)) = agents.iter().find(|(a, _)| a.id == agent_id && kind == JOB_KIND_EMAIL) {
+                        stop_checks.push((agent.clone(), enqueued.job_id.clone(), payload));
+                    }
                 }
                 tracing::info!(agent = %name, kind, job = %enqueued.job_id, duplicate = enqueued.duplicate, "inbound email enqueued");
             }
@@ -487,7 +500,46 @@ async fn resend_webhook(State(state): State<AppState>, headers: HeaderMap, body:
             }
         }
     }
+    for (agent, job_id, payload) in stop_checks {
+        tokio::spawn(stop_after_ack(state.clone(), agent, job_id, payload));
+    }
     text(StatusCode::OK, "ok")
+}
+
+/// `stop` through Resend skips the queue too (SPEC §6), right after the
+/// ack: the webhook carries no body, so while a turn of the agent runs,
+/// this fetches the message at once instead of when its job is claimed
+/// (behind that turn). An admitted `stop` marks the still-queued job
+/// `stopped_turn` and then cancels the turn, in that order, so the job can
+/// never answer "Nothing is running." next to the turn's "Stopped."; if
+/// the turn had already ended, the mark is taken back. Any failure, or a
+/// job already claimed, leaves the mail to its job as usual.
+async fn stop_after_ack(state: AppState, agent: Agent, job_id: String, mut meta: EmailJob) {
+    let now = state.platform.now_ms();
+    let running = state.runs.active(&agent.id).is_some()
+        || state.platform.store.agent_status(&agent.id, now).await.is_ok_and(|s| s.running);
+    if !running {
+        return;
+    }
+    let Ok((raw, email)) = load_message(&state, &meta).await else { return };
+    if !is_admitted_stop(&state, &agent, &meta.provider, raw.as_deref(), None, &email).await {
+        return;
+    }
+    let store = &state.platform.store;
+    meta.stopped_turn = true;
+    let marked = serde_json::to_string(&meta).expect("serialisable");
+    if !store.set_queued_payload(&job_id, &marked).await.unwrap_or(false) {
+        return;
+    }
+    let stopped = state.stop_running_turn(&agent).await.unwrap_or(false);
+    tracing::info!(agent = %agent.name, provider = "resend", stopped, "stop by email, before the queue");
+    if !stopped {
+        meta.stopped_turn = false;
+        let unmarked = serde_json::to_string(&meta).expect("serialisable");
+        if let Err(error) = store.set_queued_payload(&job_id, &unmarked).await {
+            tracing::warn!(agent = %agent.name, job = %job_id, %error, "a stop mail may go unanswered");
+        }
+    }
 }
 
 // ---------------------------------------------------------------------------
@@ -549,9 +601,9 @@ pub async fn prepare_email_job_detailed(
     // `stop` and `/status` are answered at once, threaded, without a turn.
     let answer = match command {
         // This job holds the agent's lease, so no turn of the agent runs
-        // now. (SMTP and IMAP stop a running turn before the queue, see
-        // `enqueue_raw_email`; a stop through Resend's webhook, whose body is
-        // fetched only here, waits behind the turn it meant to stop.)
+        // now. (A stop that arrived while one ran stopped it before the
+        // queue: `enqueue_raw_email` for SMTP and IMAP, `stop_after_ack`
+        // for Resend.)
         Some(Command::Stop) => Some("Nothing is running.".to_owned()),
         Some(Command::StoppedBeforeQueue) => {
             // The turn it stopped answers `Stopped.` in its own thread.
