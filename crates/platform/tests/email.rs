@@ -25,7 +25,6 @@ use tinyfat_storage::validate_path;
 use tinyfat_store::{Agent, DeliveryState, Job, JobState, Lease, NewDelivery, NewJob};
 use tinyfat_testkit::FakeResend;
 
-const SECRET: &str = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw";
 use common::OWNER;
 
 struct Env {
@@ -44,7 +43,7 @@ fn settings(dir: &Path, resend: &FakeResend, extra: &[(&str, &str)]) -> Settings
         ("TINYFAT_SANDBOX_MODE", "none".to_owned()),
         ("TINYFAT_EMAIL_RESEND_BASE_URL", resend.url()),
         ("TINYFAT_EMAIL_RESEND_API_KEY", "re_test_key".to_owned()),
-        ("TINYFAT_EMAIL_RESEND_WEBHOOK_SECRET", SECRET.to_owned()),
+        ("TINYFAT_EMAIL_RESEND_WEBHOOK_SECRET", common::RESEND_SECRET.to_owned()),
         // The fake serves no raw message (raw URLs must be https), so DKIM
         // cannot be evaluated here.
         ("TINYFAT_EMAIL_REQUIRE_AUTH", "false".to_owned()),
@@ -96,18 +95,7 @@ fn webhook_body(agent: &Agent, email_id: &str, message_id: &str) -> String {
 impl Env {
     async fn post_webhook(&self, svix_id: &str, body: &str, signature: Option<String>) -> reqwest::StatusCode {
         let now = self.platform.now_ms() / 1000;
-        let mut request = self
-            .http
-            .post(format!("{}/webhooks/resend", self.base))
-            .header("svix-id", svix_id)
-            .header("svix-timestamp", now.to_string())
-            .body(body.to_owned());
-        let signature = signature
-            .unwrap_or_else(|| svix::sign(&svix::WebhookSecret::parse(SECRET).unwrap(), svix_id, now, body.as_bytes()));
-        if !signature.is_empty() {
-            request = request.header("svix-signature", signature);
-        }
-        request.send().await.unwrap().status()
+        common::post_resend_webhook(&self.http, &self.base, svix_id, now, body, signature).await
     }
 
     async fn jobs(&self) -> Vec<Job> {
@@ -171,7 +159,12 @@ async fn a_bad_or_missing_signature_is_401_and_enqueues_nothing() {
     assert_eq!(env.post_webhook("msg_1", &body, Some(wrong)).await, 401);
     assert_eq!(env.post_webhook("msg_1", &body, Some(String::new())).await, 401);
     // A valid signature over another body.
-    let other = svix::sign(&svix::WebhookSecret::parse(SECRET).unwrap(), "msg_1", env.platform.now_ms() / 1000, b"{}");
+    let other = svix::sign(
+        &svix::WebhookSecret::parse(common::RESEND_SECRET).unwrap(),
+        "msg_1",
+        env.platform.now_ms() / 1000,
+        b"{}",
+    );
     assert_eq!(env.post_webhook("msg_1", &body, Some(other)).await, 401);
     // Garbage is refused by the signature check before anyone parses it.
     assert_eq!(env.post_webhook("msg_1", "not json", Some("v1,AAAA".into())).await, 401);
@@ -435,18 +428,7 @@ async fn the_served_router_takes_webhooks_over_the_general_body_limit() {
     body["data"]["padding"] = Value::String("x".repeat(2 << 20));
     let body = body.to_string();
     let now = env.platform.now_ms() / 1000;
-    let signature = svix::sign(&svix::WebhookSecret::parse(SECRET).unwrap(), "msg_big", now, body.as_bytes());
-    let status = env
-        .http
-        .post(format!("{base}/webhooks/resend"))
-        .header("svix-id", "msg_big")
-        .header("svix-timestamp", now.to_string())
-        .header("svix-signature", signature)
-        .body(body)
-        .send()
-        .await
-        .unwrap()
-        .status();
+    let status = common::post_resend_webhook(&env.http, &base, "msg_big", now, &body, None).await;
     assert_eq!(status, 200);
     assert_eq!(env.jobs().await.len(), 1);
 }

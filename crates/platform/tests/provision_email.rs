@@ -12,6 +12,8 @@
 //! (an orphaned folder from before the agent row, a completion never
 //! recorded) creates one agent and one welcome.
 
+mod common;
+
 use std::path::Path;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -23,7 +25,6 @@ use mail_auth::common::headers::HeaderWriter;
 use mail_auth::dkim::DkimSigner;
 use serde_json::{Value, json};
 use tinyfat_channels::email::auth::{Authenticator, DnsRecords};
-use tinyfat_channels::email::svix;
 use tinyfat_core::{AgentName, EmailAddress, SenderPattern};
 use tinyfat_platform::Platform;
 use tinyfat_platform::clock::ManualClock;
@@ -35,7 +36,6 @@ use tinyfat_store::{Agent, JobState};
 use tinyfat_testkit::FakeResend;
 use tokio::sync::watch;
 
-const SECRET: &str = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw";
 const DOMAIN: &str = "agents.test";
 const BOB: &str = "bob@example.org";
 const WAIT: Duration = Duration::from_secs(20);
@@ -132,7 +132,7 @@ fn settings(dir: &Path, resend: &FakeResend, extra: &[(&str, &str)]) -> Settings
         ("TINYFAT_SANDBOX_MODE", "none".to_owned()),
         ("TINYFAT_EMAIL_RESEND_BASE_URL", resend.url()),
         ("TINYFAT_EMAIL_RESEND_API_KEY", "re_test_key".to_owned()),
-        ("TINYFAT_EMAIL_RESEND_WEBHOOK_SECRET", SECRET.to_owned()),
+        ("TINYFAT_EMAIL_RESEND_WEBHOOK_SECRET", common::RESEND_SECRET.to_owned()),
         ("TINYFAT_EMAIL_DOMAIN", DOMAIN.to_owned()),
         ("TINYFAT_PROVISIONING_ALLOW", "@example.org, @agents.test".to_owned()),
     ]
@@ -319,17 +319,7 @@ async fn the_resend_webhook_hands_start_mail_to_provisioning() {
     })
     .to_string();
     let now = env.platform.now_ms() / 1000;
-    let signature = svix::sign(&svix::WebhookSecret::parse(SECRET).unwrap(), "msg_start", now, body.as_bytes());
-    let status = reqwest::Client::new()
-        .post(format!("{}/webhooks/resend", env.base))
-        .header("svix-id", "msg_start")
-        .header("svix-timestamp", now.to_string())
-        .header("svix-signature", signature)
-        .body(body)
-        .send()
-        .await
-        .unwrap()
-        .status();
+    let status = common::post_resend_webhook(&reqwest::Client::new(), &env.base, "msg_start", now, &body, None).await;
     assert_eq!(status, 200);
     let jobs = env.platform.store.jobs_for(&provision::platform_agent_id(), 10).await.unwrap();
     assert_eq!(jobs.len(), 1);
