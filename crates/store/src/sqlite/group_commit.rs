@@ -10,8 +10,8 @@
 //! A job whose dedup key is held (the partial unique index `jobs_dedup`) or
 //! whose id is taken is skipped by that insert; only when some row was
 //! skipped does the writer look up each key's holder to answer its caller
-//! (and release a key whose holder expired, then insert again). Batches form by
-//! themselves: while one batch is written, the next callers queue up, so
+//! (and release a key whose holder expired, then insert again). Batches
+//! form by themselves: while one batch is written, the next callers queue up, so
 //! there is no timer and no added latency when idle.
 //!
 //! Pipelined durability: the writer's connection commits with `synchronous
@@ -21,8 +21,9 @@
 //! previous one syncs. The writer hands over one committed batch at a time
 //! (`Handoff`): it collects its next batch only once the syncer took the
 //! last, so under load the callers that arrive during a sync join one
-//! bigger batch (fewer commits, fewer WAL pages per job) instead of several. A commit seen by another connection before its sync is safe:
-//! any write that builds on it (a claim, under `synchronous = FULL` like
+//! bigger batch (fewer commits, fewer WAL pages per job) instead of several.
+//! A commit seen by another connection before its sync is safe: any write
+//! that builds on it (a claim, under `synchronous = FULL` like
 //! every other connection) syncs the same WAL file past it first.
 //!
 //! Inside each transaction the writer reads `catalog_version`: a job
@@ -39,8 +40,9 @@
 //! a batch fails, every caller in it gets the error and none of its jobs is
 //! stored. A full channel makes `enqueue` wait (backpressure); nothing is
 //! dropped. Jobs are validated before they are queued, so one bad job cannot
-//! fail a batch of others. This module does not claim or modify jobs after
-//! they are inserted.
+//! fail a batch of others. This module does not claim jobs, nor change one
+//! after its insert except to release the dedup key of a job whose hold
+//! expired (`dedup_released`).
 
 use std::collections::HashSet;
 use std::fs::File;
