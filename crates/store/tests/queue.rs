@@ -812,3 +812,58 @@ async fn a_stop_request_reaches_only_the_lease_it_was_made_under() {
     assert!(!store.request_cancel(&a, 30 + MINUTE_MS + 1).await.unwrap());
     assert!(!store.cancel_requested(&second.lease).await.unwrap());
 }
+
+#[tokio::test]
+async fn migrating_dedup_keys_into_jobs_keeps_every_held_key() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = SqliteStore::open(&url(&dir)).await.unwrap();
+    // The schema as of migration 0008, with the separate `job_dedup` table.
+    let before = tempfile::tempdir().unwrap();
+    let migrations = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("migrations/sqlite");
+    for entry in std::fs::read_dir(&migrations).unwrap() {
+        let path = entry.unwrap().path();
+        let name = path.file_name().unwrap().to_str().unwrap().to_owned();
+        if name.as_str() < "0009" {
+            std::fs::copy(&path, before.path().join(name)).unwrap();
+        }
+    }
+    sqlx::migrate::Migrator::new(before.path()).await.unwrap().run(store.pool()).await.unwrap();
+    let a = agent(1);
+    let insert_job = "INSERT INTO jobs (id, dedup_key, agent_id, session, kind, payload, state, next_run_at_ms, \
+                      created_ms, updated_ms) VALUES (?, ?, ?, 'cli-main', 'message', '{}', ?, 0, 0, 0)";
+    // j-old's key was taken over by j-new after it expired; j-purged's key
+    // row expired and was purged; j-held holds its key.
+    for (id, key, state) in
+        [("j-old", "k", "done"), ("j-new", "k", "queued"), ("j-purged", "k-gone", "done"), ("j-held", "k-held", "dead")]
+    {
+        sqlx::query(insert_job).bind(id).bind(key).bind(a.as_str()).bind(state).execute(store.pool()).await.unwrap();
+    }
+    for (key, id) in [("k", "j-new"), ("k-held", "j-held")] {
+        sqlx::query("INSERT INTO job_dedup (key, job_id, agent_id, expires_ms) VALUES (?, ?, ?, ?)")
+            .bind(key)
+            .bind(id)
+            .bind(a.as_str())
+            .bind(i64::MAX)
+            .execute(store.pool())
+            .await
+            .unwrap();
+    }
+
+    store.migrate().await.unwrap();
+    let released: Vec<(String, i64)> =
+        sqlx::query_as("SELECT id, dedup_released FROM jobs ORDER BY id").fetch_all(store.pool()).await.unwrap();
+    let expected = [("j-held", 0), ("j-new", 0), ("j-old", 1), ("j-purged", 1)];
+    assert_eq!(released, expected.map(|(id, r)| (id.to_owned(), r)));
+    let answer = |e: tinyfat_store::Enqueued| (e.job_id, e.duplicate);
+    let k = store.enqueue(job("x1", "k", &a, "cli-main"), 1).await.unwrap();
+    assert_eq!(answer(k), ("j-new".to_owned(), true), "the key's holder is still its holder");
+    let held = store.enqueue(job("x2", "k-held", &a, "cli-main"), 1).await.unwrap();
+    assert_eq!(answer(held), ("j-held".to_owned(), true), "a dead letter keeps its key");
+    let gone = store.enqueue(job("x3", "k-gone", &a, "cli-main"), 1).await.unwrap();
+    assert_eq!(answer(gone), ("x3".to_owned(), false), "an expired and purged key stays free");
+    let tables: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM sqlite_master WHERE name = 'job_dedup'")
+        .fetch_one(store.pool())
+        .await
+        .unwrap();
+    assert_eq!(tables, 0);
+}
