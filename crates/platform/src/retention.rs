@@ -17,6 +17,9 @@ use crate::state::AppState;
 const EVERY: Duration = Duration::from_secs(3600);
 /// Most rows one delete takes: short write transactions between enqueues.
 const DELETE_BATCH_MAX: u32 = 1000;
+/// Pause between two full deletes, so a large backlog (the first pass after
+/// an upgrade) leaves the write lock to enqueues most of the time.
+const BETWEEN_BATCHES: Duration = Duration::from_millis(50);
 
 /// Deletes every done job whose dedup key has expired; answers how many.
 pub async fn purge_expired_done(state: &AppState) -> tinyfat_store::Result<u64> {
@@ -31,6 +34,7 @@ pub async fn purge_expired_done(state: &AppState) -> tinyfat_store::Result<u64> 
         if batch < u64::from(DELETE_BATCH_MAX) {
             return Ok(deleted);
         }
+        tokio::time::sleep(BETWEEN_BATCHES).await;
     }
 }
 
