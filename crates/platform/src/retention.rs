@@ -23,13 +23,10 @@ const BETWEEN_BATCHES: Duration = Duration::from_millis(50);
 
 /// Deletes every done job whose dedup key has expired; answers how many.
 pub async fn purge_expired_done(state: &AppState) -> tinyfat_store::Result<u64> {
-    let ttl_ms = i64::try_from(state.platform.settings.dedup_ttl().as_millis()).unwrap_or(i64::MAX);
-    // `updated_ms` is never before `created_ms`, so a job last updated before
-    // this cut-off was created before it too: its key has expired.
-    let before_ms = state.platform.now_ms().saturating_sub(ttl_ms);
+    let now_ms = state.platform.now_ms();
     let mut deleted = 0;
     loop {
-        let batch = state.platform.store.purge_done(before_ms, DELETE_BATCH_MAX).await?;
+        let batch = state.platform.store.purge_done(now_ms, DELETE_BATCH_MAX).await?;
         deleted += batch;
         if batch < u64::from(DELETE_BATCH_MAX) {
             return Ok(deleted);

@@ -178,7 +178,7 @@ pub async fn serve(platform: Arc<Platform>, listen: &str, role: Role) -> anyhow:
         background.spawn(crate::worker::run(app.clone(), config, stop_rx.clone()));
         background.spawn(crate::deliver::run(app.clone(), stop_rx.clone()));
         tracing::info!(
-            "queue: dedup keys held {} (done jobs deleted after that, hourly); transient failures retried for {}; \
+            "queue: dedup keys held {} (done jobs are deleted after that); transient failures retried for {}; \
              dead letter after {} failed attempts",
             settings.queue.dedup_ttl,
             settings.queue.retry_window,

@@ -383,10 +383,10 @@ pub trait JobQueue: Send + Sync + std::fmt::Debug {
     /// Deletes a dead job. `false`: no dead job with that id.
     async fn purge(&self, id: &str) -> Result<bool>;
     async fn purge_all_dead(&self) -> Result<u64>;
-    /// Retention: deletes up to `limit` done jobs last updated before
-    /// `before_ms`. A job holds its dedup key (SPEC §3) until `dedup_ttl`
-    /// after its creation, so `before_ms` must be at most now − `dedup_ttl`.
-    async fn purge_done(&self, before_ms: i64, limit: u32) -> Result<u64>;
+    /// Retention: deletes up to `limit` done jobs whose dedup key has
+    /// expired at `now_ms` (last updated `dedup_ttl_ms` or longer ago, so
+    /// created longer ago too: the row is what holds the key, SPEC §3).
+    async fn purge_done(&self, now_ms: i64, limit: u32) -> Result<u64>;
 }
 
 /// Cuts an error message to `ERROR_BYTES_MAX` at a character boundary.

@@ -660,7 +660,9 @@ async fn counts_status_and_next_due_for_sleeping_workers() {
     store.complete(&claim_a.lease, &claim_a.job_ids(), 400).await.unwrap();
     assert_eq!(store.next_due_ms().await.unwrap(), Some(101), "a2 is free to run");
     assert_eq!(store.jobs_for(&a, 10).await.unwrap().iter().map(|j| j.id.as_str()).collect::<Vec<_>>(), ["a2", "a1"]);
-    assert_eq!(store.purge_done(401, 10).await.unwrap(), 1, "retention removes done jobs only");
+    let ttl = QueuePolicy::default().dedup_ttl_ms;
+    assert_eq!(store.purge_done(400 + ttl, 10).await.unwrap(), 0, "a done job holds its key for the TTL");
+    assert_eq!(store.purge_done(401 + ttl, 10).await.unwrap(), 1, "retention removes done jobs only");
     assert!(store.get_job("a1").await.unwrap().is_none());
 }
 

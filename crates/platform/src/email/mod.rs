@@ -383,6 +383,18 @@ fn text(status: StatusCode, body: &str) -> (StatusCode, String) {
 }
 
 /// `POST /webhooks/resend`.
+/// One job a Resend notice becomes: an `email` job per agent addressed, and
+/// a `start` job of the platform agent for a provisioning request.
+struct Target<'a> {
+    agent_id: tinyfat_core::AgentId,
+    name: &'a str,
+    kind: &'static str,
+    dedup_key: String,
+    recipient: &'a EmailAddress,
+    /// The agent of an `email` job, for its stop check after the ack.
+    agent: Option<&'a Agent>,
+}
+
 async fn resend_webhook(State(state): State<AppState>, headers: HeaderMap, body: Body) -> (StatusCode, String) {
     let settings = &state.platform.settings;
     let cap = settings.gateway.email_body_bytes_max as usize;
@@ -442,27 +454,30 @@ async fn resend_webhook(State(state): State<AppState>, headers: HeaderMap, body:
     }
     let session_root = notice.message_id.clone().unwrap_or_else(|| format!("resend-{}", notice.email_id));
     let session = inbound::session_id_for_root(&session_root);
-    let mut targets: Vec<(tinyfat_core::AgentId, &str, &str, String, &EmailAddress)> = agents
+    let mut targets: Vec<Target> = agents
         .iter()
         .enumerate()
-        .map(|(i, (agent, recipient))| {
-            let dedup_key =
-                if i == 0 { verified.dedup_key() } else { format!("{}:{}", verified.dedup_key(), agent.id) };
-            (agent.id.clone(), agent.name.as_str(), JOB_KIND_EMAIL, dedup_key, recipient)
+        .map(|(i, (agent, recipient))| Target {
+            agent_id: agent.id.clone(),
+            name: agent.name.as_str(),
+            kind: JOB_KIND_EMAIL,
+            dedup_key: if i == 0 { verified.dedup_key() } else { format!("{}:{}", verified.dedup_key(), agent.id) },
+            recipient,
+            agent: Some(agent),
         })
         .collect();
     if let Some(start) = start {
-        let dedup_key = format!("{}:start", verified.dedup_key());
-        targets.push((
-            provision::platform_agent_id(),
-            provision::START_LOCAL_PART,
-            provision::JOB_KIND_START,
-            dedup_key,
-            start,
-        ));
+        targets.push(Target {
+            agent_id: provision::platform_agent_id(),
+            name: provision::START_LOCAL_PART,
+            kind: provision::JOB_KIND_START,
+            dedup_key: format!("{}:start", verified.dedup_key()),
+            recipient: start,
+            agent: None,
+        });
     }
     let mut stop_checks = Vec::new();
-    for (agent_id, name, kind, dedup_key, recipient) in targets {
+    for Target { agent_id, name, kind, dedup_key, recipient, agent } in targets {
         let payload = EmailJob {
             provider: "resend".into(),
             svix_id: verified.id.clone(),
@@ -479,7 +494,7 @@ async fn resend_webhook(State(state): State<AppState>, headers: HeaderMap, body:
         let job = NewJob {
             id: tinyfat_core::ids::new_ulid_string(ulid::Ulid::new()),
             dedup_key,
-            agent_id: agent_id.clone(),
+            agent_id,
             session: session.clone(),
             kind: kind.into(),
             payload: serde_json::to_string(&payload).expect("serialisable"),
@@ -488,7 +503,7 @@ async fn resend_webhook(State(state): State<AppState>, headers: HeaderMap, body:
             Ok(enqueued) => {
                 if !enqueued.duplicate {
                     state.wake.notify_one();
-                    if let Some((agent, _)) = agents.iter().find(|(a, _)| a.id == agent_id && kind == JOB_KIND_EMAIL) {
+                    if let Some(agent) = agent {
                         stop_checks.push((agent.clone(), enqueued.job_id.clone(), payload));
                     }
                 }

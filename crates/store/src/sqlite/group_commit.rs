@@ -338,28 +338,26 @@ const KEY_HOLDER_SQL: &str = "SELECT id, created_ms FROM jobs WHERE dedup_key = 
 const RELEASE_KEY_SQL: &str = "UPDATE jobs SET dedup_released = 1 WHERE id = ?";
 const CATALOG_VERSION_SQL: &str = "SELECT version FROM catalog_version WHERE id = 1";
 
-/// What a skipped-or-not insert meant for one job, read from its key's
-/// holder after the insert.
-#[derive(Debug, PartialEq, Eq)]
+/// What an insert that may have been skipped meant for one job, read from
+/// its key's holder after the insert.
 enum Verdict {
-    /// The job holds its key: inserted. (A job re-enqueued under its own id
-    /// and key also lands here: exactly one such job exists either way.)
-    Inserted,
-    /// An earlier job holds the key within the TTL.
-    Duplicate(String),
-    /// The holder's TTL ran out: release its key and insert again.
+    /// The caller's answer: inserted (the job holds its key; a job
+    /// re-enqueued under its own id and key lands here too, exactly one such
+    /// job existing either way), a duplicate of the earlier job holding the
+    /// key within the TTL, or a conflict (nobody holds the key, so the
+    /// insert was skipped for the job id).
+    Answer(Result<Enqueued>),
+    /// The holder's TTL ran out: release this job's key and insert again.
     Expired(String),
-    /// Nobody holds the key, so the insert was skipped for the id.
-    IdTaken,
 }
 
 fn verdict(job: &NewJob, holder: Option<(String, i64)>, now_ms: i64, dedup_ttl_ms: i64) -> Verdict {
-    match holder {
-        Some((id, _)) if id == job.id => Verdict::Inserted,
-        Some((id, created_ms)) if created_ms <= now_ms.saturating_sub(dedup_ttl_ms) => Verdict::Expired(id),
-        Some((id, _)) => Verdict::Duplicate(id),
-        None => Verdict::IdTaken,
-    }
+    Verdict::Answer(match holder {
+        Some((id, _)) if id == job.id => Ok(Enqueued { job_id: id, duplicate: false }),
+        Some((id, created_ms)) if created_ms <= now_ms.saturating_sub(dedup_ttl_ms) => return Verdict::Expired(id),
+        Some((id, _)) => Ok(Enqueued { job_id: id, duplicate: true }),
+        None => Err(StoreError::Conflict("job id")),
+    })
 }
 
 /// The values of one job in an `insert_jobs_sql` row.
@@ -481,18 +479,15 @@ impl BatchWriter {
             let holder = run(statement, &[Value::Text(&job.dedup_key)], |s| Ok((s.text(0)?, s.int(1)?)))?
                 .into_iter()
                 .find_map(|(id, created_ms)| Some((id?, created_ms)));
-            answers[i] = Some(match verdict(job, holder, batch[i].now_ms, dedup_ttl_ms) {
-                Verdict::Inserted => Ok(Enqueued { job_id: job.id.clone(), duplicate: false }),
-                Verdict::Duplicate(first) => Ok(Enqueued { job_id: first, duplicate: true }),
-                Verdict::IdTaken => Err(StoreError::Conflict("job id")),
+            match verdict(job, holder, batch[i].now_ms, dedup_ttl_ms) {
+                Verdict::Answer(answer) => answers[i] = Some(answer),
                 Verdict::Expired(holder) => {
                     let statement = prepared(&self.conn, &mut self.release_key, || RELEASE_KEY_SQL.to_owned())?;
                     run(statement, &[Value::Text(&holder)], |_| Ok(()))?;
                     released.insert(job.dedup_key.as_str());
                     again.push(i);
-                    continue;
                 }
-            });
+            }
         }
         Ok(again)
     }
@@ -578,15 +573,13 @@ pub(crate) async fn insert_job(
         }
         let holder: Option<(String, i64)> =
             sqlx::query_as(KEY_HOLDER_SQL).bind(&job.dedup_key).fetch_optional(&mut *conn).await?;
-        return Ok(match verdict(job, holder, now_ms, dedup_ttl_ms) {
-            Verdict::Inserted => Ok(Enqueued { job_id: job.id.clone(), duplicate: false }),
-            Verdict::Duplicate(first) => Ok(Enqueued { job_id: first, duplicate: true }),
-            Verdict::IdTaken => Err(StoreError::Conflict("job id")),
+        match verdict(job, holder, now_ms, dedup_ttl_ms) {
+            Verdict::Answer(answer) => return Ok(answer),
+            // Released: the next insert takes the key.
             Verdict::Expired(holder) => {
                 sqlx::query(RELEASE_KEY_SQL).bind(holder).execute(&mut *conn).await?;
-                continue;
             }
-        });
+        }
     }
 }
 

@@ -492,7 +492,10 @@ impl JobQueue for SqliteStore {
         Ok(done.rows_affected())
     }
 
-    async fn purge_done(&self, before_ms: i64, limit: u32) -> Result<u64> {
+    async fn purge_done(&self, now_ms: i64, limit: u32) -> Result<u64> {
+        // `updated_ms` is never before `created_ms`: a job last updated
+        // before the cut-off was created before it, and its key expired.
+        let before_ms = now_ms.saturating_sub(self.policy.dedup_ttl_ms);
         let done = sqlx::query(
             "DELETE FROM jobs WHERE id IN \
              (SELECT id FROM jobs WHERE state = 'done' AND updated_ms < ?1 ORDER BY updated_ms LIMIT ?2)",
