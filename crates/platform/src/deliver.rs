@@ -5,8 +5,10 @@
 //!
 //! Channels: `web` and `cli` are delivered by the stream that carried the run
 //! (a web client that reconnects reads the reply from the run replay), so
-//! their rows are marked sent at once. Other channels need their adapter;
-//! until one is configured, the row fails visibly with the reason.
+//! their rows are recorded as sent (`is_streamed`, `NewDelivery::by_stream`)
+//! and this loop never takes them; one left pending by an older version is
+//! marked sent when taken. Other channels need their adapter; until one is
+//! configured, the row fails visibly with the reason.
 //!
 //! Email replies and `send_message` emails are first sent inline by the
 //! worker that recorded them, under the agent's lease, so it can file them
@@ -28,6 +30,11 @@ const IDLE_SLEEP: Duration = Duration::from_millis(500);
 const SENDING_STALE_MS: i64 = 60_000;
 /// How long a new email reply is left to the worker that sends it inline.
 const INLINE_GRACE_MS: i64 = 5_000;
+
+/// Channels whose replies reach their reader through the run's own stream.
+pub fn is_streamed(channel: &str) -> bool {
+    matches!(channel, "web" | "cli")
+}
 
 /// A first send the recording worker makes inline (see the module header).
 fn left_to_the_worker(delivery: &Delivery, now: i64) -> bool {
@@ -74,7 +81,7 @@ pub(crate) async fn deliver(state: &AppState, delivery: &Delivery) {
     let now = state.platform.now_ms();
     // Web and terminal rows have no external side effect to protect from a
     // double send: a row a crash left `sending` is reclaimed at once.
-    let stale_ms = if matches!(delivery.channel.as_str(), "web" | "cli") { 1 } else { SENDING_STALE_MS };
+    let stale_ms = if is_streamed(&delivery.channel) { 1 } else { SENDING_STALE_MS };
     match store.mark_delivery_sending(&delivery.id, now, stale_ms).await {
         Ok(true) => {}
         Ok(false) => return,
@@ -84,7 +91,7 @@ pub(crate) async fn deliver(state: &AppState, delivery: &Delivery) {
         }
     }
     let sent = match delivery.channel.as_str() {
-        "web" | "cli" => Ok(None),
+        channel if is_streamed(channel) => Ok(None),
         "email" => crate::email::send(state, delivery).await,
         other => Err(SendError::Permanent(format!("no {other} adapter is configured on this server"))),
     };

@@ -379,6 +379,7 @@ fn delivery(
         channel: target.channel.clone(),
         target: serde_json::to_string(target).expect("serialisable"),
         body: json!({"text": text, "attachments": attachments}).to_string(),
+        by_stream: crate::deliver::is_streamed(&target.channel),
     }
 }
 

@@ -259,6 +259,7 @@ async fn a_webhook_becomes_a_message_job_in_the_thread_session_and_the_reply_thr
         channel: "email".into(),
         target: json!({"channel": "email", "to": OWNER}).to_string(),
         body: json!({"text": "All **good**.", "attachments": []}).to_string(),
+        by_stream: false,
     };
     let row = env.platform.store.insert_delivery(&delivery, env.platform.now_ms()).await.unwrap().delivery;
     let provider_id = email::send(&env.state, &row).await.unwrap().unwrap();

@@ -198,6 +198,7 @@ impl Env {
             channel: "email".into(),
             target: json!({"channel": "email", "to": OWNER}).to_string(),
             body: json!({"text": text, "attachments": []}).to_string(),
+            by_stream: false,
         };
         self.platform.store.insert_delivery(&delivery, self.now()).await.unwrap().delivery.id
     }
@@ -417,6 +418,7 @@ async fn a_crash_between_send_and_filing_resends_with_the_same_message_id() {
         channel: "email".into(),
         target: json!({"channel": "email", "to": OWNER}).to_string(),
         body: json!({"text": "y", "attachments": [], "outbox": {"to": [OWNER], "subject": "Two"}}).to_string(),
+        by_stream: false,
     };
     let row = env.platform.store.insert_delivery(&new, env.now()).await.unwrap().delivery;
     assert!(env.platform.store.mark_delivery_sending(&delivery_id, env.now(), 60_000).await.unwrap());

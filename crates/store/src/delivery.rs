@@ -67,6 +67,10 @@ pub struct NewDelivery {
     pub target: String,
     /// JSON text: what is sent.
     pub body: String,
+    /// Delivered by the stream that carried the run (web chat, the
+    /// terminal): recorded as `sent` at once, so the delivery loop never
+    /// takes it (a reader that missed the stream reads the run's replay).
+    pub by_stream: bool,
 }
 
 impl NewDelivery {

@@ -675,6 +675,7 @@ fn delivery(id: &str, key: &str, a: &AgentId) -> NewDelivery {
         channel: "telegram".into(),
         target: r#"{"chat_id":42}"#.into(),
         body: r#"{"text":"hi"}"#.into(),
+        by_stream: false,
     }
 }
 
@@ -717,6 +718,21 @@ async fn deliveries_are_idempotent_on_their_key_and_claimed_once() {
     assert!(store.due_deliveries(i64::MAX, 10).await.unwrap().is_empty());
     let listed: Vec<String> = store.deliveries_for(&a, 10).await.unwrap().into_iter().map(|d| d.id).collect();
     assert_eq!(listed, ["d3", "d1"]);
+}
+
+#[tokio::test]
+async fn a_delivery_made_by_its_stream_is_recorded_sent_and_never_due() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = open(&dir).await;
+    let a = agent(1);
+    let streamed = NewDelivery { channel: "web".into(), by_stream: true, ..delivery("d1", "reply:j1", &a) };
+    let row = store.insert_delivery(&streamed, 10).await.unwrap();
+    assert!(row.inserted);
+    assert_eq!((row.delivery.state, row.delivery.attempts), (DeliveryState::Sent, 0));
+    assert!(store.due_deliveries(i64::MAX, 10).await.unwrap().is_empty(), "the delivery loop never takes it");
+    assert!(!store.mark_delivery_sending("d1", 20, 1).await.unwrap(), "nor can any sender claim it");
+    let again = store.insert_delivery(&streamed, 30).await.unwrap();
+    assert!(!again.inserted, "idempotent on its key like any other");
 }
 
 #[tokio::test]

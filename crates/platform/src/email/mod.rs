@@ -640,6 +640,7 @@ pub async fn prepare_email_job_detailed(
             channel: "email".into(),
             target: serde_json::to_string(&conversation).expect("serialisable"),
             body: json!({"text": answer, "attachments": [], "email": payload.email}).to_string(),
+            by_stream: false,
         };
         let row = store
             .insert_delivery(&new, state.platform.now_ms())
@@ -1287,6 +1288,7 @@ async fn send_outbox_file(
             channel: "email".into(),
             target: json!({"channel": "email", "to": parsed.to.first().map(ToString::to_string)}).to_string(),
             body: serde_json::to_string(&body).expect("serialisable"),
+            by_stream: false,
         };
         if let Err(e) = store.insert_delivery(&new, platform.now_ms()).await {
             return Err(e.to_string());

@@ -294,6 +294,7 @@ async fn record_platform_reply(
         channel: "email".into(),
         target: serde_json::to_string(&conversation).expect("serialisable"),
         body: json!({"text": text, "attachments": [], "email": thread}).to_string(),
+        by_stream: false,
     };
     state.platform.store.insert_delivery(&new, state.platform.now_ms()).await.map_err(internal)?;
     state.deliveries_wake.notify_one();

@@ -50,7 +50,7 @@ impl Deliveries for SqliteStore {
         let done = sqlx::query(
             "INSERT INTO deliveries (id, idempotency_key, agent_id, job_id, channel, target, body, state, \
              attempts, next_attempt_ms, created_ms, updated_ms) \
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, 'pending', 0, ?8, ?8, ?8) \
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?9, 0, ?8, ?8, ?8) \
              ON CONFLICT (idempotency_key) DO NOTHING",
         )
         .bind(&delivery.id)
@@ -61,6 +61,7 @@ impl Deliveries for SqliteStore {
         .bind(&delivery.target)
         .bind(&delivery.body)
         .bind(now_ms)
+        .bind(if delivery.by_stream { DeliveryState::Sent } else { DeliveryState::Pending }.as_str())
         .execute(&self.pool)
         .await
         .map_err(|e| conflict(e, &[("deliveries.id", "delivery id")]))?;
