@@ -262,9 +262,23 @@ impl Platform {
                 updated_ms: now_ms,
             });
         }
-        self.store.replace_timers(&agent.id, &rows).await?;
+        // Most turns change no event: then nothing is written (no write
+        // transaction per turn, and no stale overwrite of a firing the
+        // scheduler recorded since `previous` was read).
+        if !same_timers(&previous, &rows) {
+            self.store.replace_timers(&agent.id, &rows).await?;
+        }
         Ok(rows)
     }
+}
+
+/// Whether `rows` would leave the timers table as `previous` has it (in any
+/// order; `updated_ms` aside).
+fn same_timers(previous: &[TimerRow], rows: &[TimerRow]) -> bool {
+    previous.len() == rows.len()
+        && rows
+            .iter()
+            .all(|row| previous.iter().any(|old| TimerRow { updated_ms: row.updated_ms, ..old.clone() } == *row))
 }
 
 /// Writes `error.txt` unless it already holds this text. Never deletes.
@@ -518,4 +532,36 @@ async fn schedule(
         Err(e) => tracing::warn!(agent = %agent.name, error = %e, "re-reading event files for the manifest failed"),
     }
     Ok(Json(state.platform.wake_manifest(&agent).await?))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn row(name: &str, next_fire_ms: Option<i64>, updated_ms: i64) -> TimerRow {
+        TimerRow {
+            agent_id: tinyfat_core::AgentId::from_ulid(ulid::Ulid::nil()),
+            name: name.to_owned(),
+            event_type: "one-shot".to_owned(),
+            next_fire_ms,
+            last_fired_ms: None,
+            file_sha256: "ab".to_owned(),
+            state: "{}".to_owned(),
+            error: None,
+            updated_ms,
+        }
+    }
+
+    #[test]
+    fn timers_are_the_same_in_any_order_whatever_their_update_time() {
+        let previous = [row("a", Some(5), 1), row("b", None, 1)];
+        assert!(same_timers(&previous, &[row("b", None, 9), row("a", Some(5), 9)]));
+        assert!(same_timers(&[], &[]));
+        assert!(!same_timers(&previous, &[row("a", Some(6), 9), row("b", None, 9)]), "a new due time");
+        assert!(!same_timers(&previous, &[row("a", Some(5), 9)]), "an event removed");
+        assert!(!same_timers(&previous, &[row("a", Some(5), 9), row("c", None, 9)]), "an event renamed");
+        let mut invalid = row("b", None, 9);
+        invalid.error = Some("bad json".to_owned());
+        assert!(!same_timers(&previous, &[row("a", Some(5), 9), invalid]), "an event broken");
+    }
 }

@@ -301,7 +301,12 @@ pub async fn process(state: &AppState, claim: Claim, shutting_down: &AtomicBool)
                     &message.attachments,
                 ));
             }
-            for new in &deliveries {
+            // A reply its stream delivers commits with the job's completion
+            // (`finish_with`, one transaction); any other is recorded first,
+            // so `process_outbox` can send it inline under the lease.
+            let (by_stream, to_send): (Vec<NewDelivery>, Vec<NewDelivery>) =
+                deliveries.into_iter().partition(|d| d.by_stream);
+            for new in &to_send {
                 if let Err(e) = store.insert_delivery(new, now).await {
                     tracing::error!(error = %e, "recording a delivery failed; the job will run again");
                     let _ = store
@@ -313,9 +318,18 @@ pub async fn process(state: &AppState, claim: Claim, shutting_down: &AtomicBool)
             crate::email::process_outbox(state, &agent, &lease).await;
             crate::scheduler::sync_timers(state, &agent).await;
             outcomes.extend(batch_ids.iter().map(|id| JobOutcome { job_id: id.clone(), outcome: Outcome::Done }));
-            if store.finish(&lease, &outcomes, now, &mut rand_jitter()).await.ok().flatten().is_none() {
-                tracing::warn!(agent = %agent.id, "lease lost before completion; another worker will finish");
-                return;
+            match store.finish_with(&lease, &outcomes, &by_stream, now, &mut rand_jitter()).await {
+                Ok(Some(_)) => {}
+                Ok(None) => {
+                    tracing::warn!(agent = %agent.id, "lease lost before completion; another worker will finish");
+                    return;
+                }
+                Err(e) => {
+                    // The session holds the reply: the rerun after the lease
+                    // lapses records it without calling the model again.
+                    tracing::error!(agent = %agent.id, error = %e, "recording the turn's end failed; it runs again");
+                    return;
+                }
             }
             for key in &run_keys {
                 // A reply that was not streamed (a command's answer, a limit notice).

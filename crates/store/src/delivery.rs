@@ -144,6 +144,9 @@ pub trait Deliveries: Send + Sync + std::fmt::Debug {
     async fn mark_delivery_failed(&self, id: &str, error: &str, retry_at_ms: Option<i64>, now_ms: i64) -> Result<bool>;
     /// An agent's deliveries, newest first.
     async fn deliveries_for(&self, agent: &AgentId, limit: u32) -> Result<Vec<Delivery>>;
+    /// An agent's deliveries on one channel, newest first (an index serves
+    /// it: the other channels' rows are never read).
+    async fn deliveries_on(&self, agent: &AgentId, channel: &str, limit: u32) -> Result<Vec<Delivery>>;
 }
 
 /// Per-agent token usage by UTC day, for the daily budget and the dashboard.

@@ -324,6 +324,21 @@ pub trait JobQueue: Send + Sync + std::fmt::Debug {
         outcomes: &[JobOutcome],
         now_ms: i64,
         jitter: &mut (dyn FnMut() -> f64 + Send),
+    ) -> Result<Option<Vec<Settled>>> {
+        self.finish_with(lease, outcomes, &[], now_ms, jitter).await
+    }
+
+    /// `finish` that also records the turn's `deliveries` in the same
+    /// transaction (each as `Deliveries::insert_delivery` would: a key
+    /// already recorded keeps its row), so a reply and its job's completion
+    /// commit together, with one fsync. Fenced out: nothing is recorded.
+    async fn finish_with(
+        &self,
+        lease: &Lease,
+        outcomes: &[JobOutcome],
+        deliveries: &[crate::NewDelivery],
+        now_ms: i64,
+        jitter: &mut (dyn FnMut() -> f64 + Send),
     ) -> Result<Option<Vec<Settled>>>;
 
     /// Marks the jobs done and releases the lease (`finish` with every job

@@ -485,6 +485,39 @@ async fn finish_settles_each_job_and_requeues_the_rest() {
 }
 
 #[tokio::test]
+async fn finish_with_records_the_turns_deliveries_with_its_completion_or_not_at_all() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = open(&dir).await;
+    let a = agent(1);
+    put(&store, "j1", &a, "web-main", 1).await;
+    let old = store.claim_next("w1", 10, 100).await.unwrap().unwrap();
+    let taken = store.claim_next("w2", 200, MINUTE_MS).await.unwrap().unwrap();
+    let reply = |id: &str| NewDelivery { channel: "web".into(), by_stream: true, ..delivery(id, "reply:j1", &a) };
+    let done = [JobOutcome::done("j1")];
+    assert!(store.finish_with(&old.lease, &done, &[reply("d-old")], 300, &mut no_jitter()).await.unwrap().is_none());
+    assert_eq!(count_rows(&store, "deliveries").await, 0, "fenced out: the stale turn's reply is not recorded");
+
+    let settled = store.finish_with(&taken.lease, &done, &[reply("d1")], 400, &mut no_jitter()).await.unwrap();
+    assert_eq!(settled.unwrap()[0].state, JobState::Done);
+    let row = store.get_delivery("d1").await.unwrap().expect("recorded with the completion");
+    assert_eq!((row.state, row.idempotency_key.as_str(), row.created_ms), (DeliveryState::Sent, "reply:j1", 400));
+
+    // A key recorded before (a retried turn) keeps its row; a bad delivery
+    // fails the whole call before anything changes.
+    put(&store, "j2", &a, "web-main", 500).await;
+    let next = store.claim_next("w2", 500, MINUTE_MS).await.unwrap().unwrap();
+    let bad = NewDelivery { idempotency_key: String::new(), ..reply("d3") };
+    let error = store.finish_with(&next.lease, &[JobOutcome::done("j2")], &[bad], 600, &mut no_jitter()).await;
+    assert!(matches!(error, Err(StoreError::Invalid(_))), "{error:?}");
+    assert_eq!(store.get_job("j2").await.unwrap().unwrap().state, JobState::Running, "nothing settled");
+    let settled =
+        store.finish_with(&next.lease, &[JobOutcome::done("j2")], &[reply("d2")], 700, &mut no_jitter()).await;
+    assert!(settled.unwrap().is_some());
+    assert!(store.get_delivery("d2").await.unwrap().is_none(), "the key was taken: no second row");
+    assert_eq!(count_rows(&store, "deliveries").await, 1);
+}
+
+#[tokio::test]
 async fn backoff_doubles_per_failure_up_to_the_cap_with_the_callers_jitter() {
     let dir = tempfile::tempdir().unwrap();
     let store = open_with(&dir, QueuePolicy { attempts_max: 100, ..QueuePolicy::default() }).await;
@@ -733,6 +766,26 @@ async fn a_delivery_made_by_its_stream_is_recorded_sent_and_never_due() {
     assert!(!store.mark_delivery_sending("d1", 20, 1).await.unwrap(), "nor can any sender claim it");
     let again = store.insert_delivery(&streamed, 30).await.unwrap();
     assert!(!again.inserted, "idempotent on its key like any other");
+}
+
+#[tokio::test]
+async fn deliveries_on_one_channel_skip_the_others_newest_first() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = open(&dir).await;
+    let (a, b) = (agent(1), agent(2));
+    let on = |id: &str, channel: &str, who: &AgentId| NewDelivery { channel: channel.into(), ..delivery(id, id, who) };
+    store.insert_delivery(&on("e1", "email", &a), 10).await.unwrap();
+    for n in 0..5 {
+        store.insert_delivery(&on(&format!("w{n}"), "web", &a), 20 + n).await.unwrap();
+    }
+    store.insert_delivery(&on("e2", "email", &a), 30).await.unwrap();
+    store.insert_delivery(&on("e3", "email", &b), 40).await.unwrap();
+    let ids = |rows: Vec<tinyfat_store::Delivery>| rows.into_iter().map(|d| d.id).collect::<Vec<_>>();
+    assert_eq!(ids(store.deliveries_on(&a, "email", 10).await.unwrap()), ["e2", "e1"]);
+    assert_eq!(ids(store.deliveries_on(&a, "email", 1).await.unwrap()), ["e2"], "the limit counts this channel only");
+    assert_eq!(ids(store.deliveries_on(&b, "email", 10).await.unwrap()), ["e3"]);
+    assert!(store.deliveries_on(&b, "web", 10).await.unwrap().is_empty());
+    assert_eq!(store.deliveries_on(&a, "web", 10).await.unwrap().len(), 5);
 }
 
 #[tokio::test]

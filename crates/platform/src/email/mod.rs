@@ -1369,7 +1369,8 @@ async fn check_outbox_policy(
     }
     let max = platform.settings.outbox.sends_per_day_max;
     let day_start = platform.now_ms() - platform.now_ms().rem_euclid(86_400_000);
-    let recent = platform.store.deliveries_for(&agent.id, max.saturating_add(100)).await.map_err(|e| e.to_string())?;
+    let recent =
+        platform.store.deliveries_on(&agent.id, "email", max.saturating_add(100)).await.map_err(|e| e.to_string())?;
     let today = recent
         .iter()
         .filter(|d| {

@@ -17,8 +17,9 @@
 //!   filed are filed: those sent outside a turn (a transient failure the
 //!   loop retried, a resend after a crash, a `stop` or `/status` answer)
 //!   are filed by the agent's next run. Only the newest
-//!   `RECENT_DELIVERIES_MAX` rows are looked at; an older one never filed
-//!   stays only in the delivery table.
+//!   `RECENT_DELIVERIES_MAX` email rows are looked at (the agent's other
+//!   channels are not read); an older one never filed stays only in the
+//!   delivery table.
 //!
 //! Filing is idempotent: a file already there is left alone, so a crash
 //! between the send and the filing only delays the file.
@@ -37,7 +38,7 @@ use tinyfat_store::{Agent, Delivery, DeliveryState, Lease};
 use super::{EmailBody, draft_for, rel};
 use crate::state::AppState;
 
-/// The agent's newest deliveries looked at per run.
+/// The agent's newest email deliveries looked at per run.
 const RECENT_DELIVERIES_MAX: u32 = 50;
 
 /// Sends the agent's due email replies inline and files the sent and failed
@@ -50,11 +51,11 @@ pub(super) async fn send_and_file(
 ) -> Result<bool, String> {
     let platform = &state.platform;
     let store = &platform.store;
-    let rows = store.deliveries_for(&agent.id, RECENT_DELIVERIES_MAX).await.map_err(|e| e.to_string())?;
+    let rows = store.deliveries_on(&agent.id, "email", RECENT_DELIVERIES_MAX).await.map_err(|e| e.to_string())?;
     let mut changed = false;
     // Oldest first, so replies go out in the order they were recorded.
     for row in rows.into_iter().rev() {
-        if row.channel != "email" || row.idempotency_key.starts_with("outbox:") {
+        if row.idempotency_key.starts_with("outbox:") {
             continue;
         }
         let due = matches!(row.state, DeliveryState::Pending | DeliveryState::Sending)

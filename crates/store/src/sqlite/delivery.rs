@@ -8,7 +8,7 @@
 use async_trait::async_trait;
 use chrono::NaiveDate;
 use sqlx::Row;
-use sqlx::sqlite::SqliteRow;
+use sqlx::sqlite::{SqliteConnection, SqliteRow};
 use tinyfat_core::AgentId;
 use tinyfat_core::message::Usage;
 
@@ -47,29 +47,13 @@ fn delivery_from_row(row: &SqliteRow) -> Result<Delivery> {
 impl Deliveries for SqliteStore {
     async fn insert_delivery(&self, delivery: &NewDelivery, now_ms: i64) -> Result<InsertedDelivery> {
         delivery.validate()?;
-        let done = sqlx::query(
-            "INSERT INTO deliveries (id, idempotency_key, agent_id, job_id, channel, target, body, state, \
-             attempts, next_attempt_ms, created_ms, updated_ms) \
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?9, 0, ?8, ?8, ?8) \
-             ON CONFLICT (idempotency_key) DO NOTHING",
-        )
-        .bind(&delivery.id)
-        .bind(&delivery.idempotency_key)
-        .bind(delivery.agent_id.as_str())
-        .bind(&delivery.job_id)
-        .bind(&delivery.channel)
-        .bind(&delivery.target)
-        .bind(&delivery.body)
-        .bind(now_ms)
-        .bind(if delivery.by_stream { DeliveryState::Sent } else { DeliveryState::Pending }.as_str())
-        .execute(&self.pool)
-        .await
-        .map_err(|e| conflict(e, &[("deliveries.id", "delivery id")]))?;
+        let mut conn = self.pool.acquire().await?;
+        let inserted = insert_delivery(&mut conn, delivery, now_ms).await?;
         let row = sqlx::query(concat!("SELECT ", delivery_columns!(), " FROM deliveries WHERE idempotency_key = ?"))
             .bind(&delivery.idempotency_key)
-            .fetch_one(&self.pool)
+            .fetch_one(&mut *conn)
             .await?;
-        Ok(InsertedDelivery { delivery: delivery_from_row(&row)?, inserted: done.rows_affected() == 1 })
+        Ok(InsertedDelivery { delivery: delivery_from_row(&row)?, inserted })
     }
 
     async fn get_delivery(&self, id: &str) -> Result<Option<Delivery>> {
@@ -150,6 +134,20 @@ impl Deliveries for SqliteStore {
         .await?;
         rows.iter().map(delivery_from_row).collect()
     }
+
+    async fn deliveries_on(&self, agent: &AgentId, channel: &str, limit: u32) -> Result<Vec<Delivery>> {
+        let rows = sqlx::query(concat!(
+            "SELECT ",
+            delivery_columns!(),
+            " FROM deliveries WHERE agent_id = ? AND channel = ? ORDER BY created_ms DESC, id DESC LIMIT ?"
+        ))
+        .bind(agent.as_str())
+        .bind(channel)
+        .bind(i64::from(limit))
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter().map(delivery_from_row).collect()
+    }
 }
 
 /// Token counts are `u64` in Rust and `INTEGER` (i64) in SQLite.
@@ -222,4 +220,29 @@ impl UsageLedger for SqliteStore {
             })
             .collect()
     }
+}
+
+/// Inserts one delivery on `conn` (a pooled connection or a transaction),
+/// unless its idempotency key is already recorded; true if inserted. The
+/// caller validated it.
+pub(super) async fn insert_delivery(conn: &mut SqliteConnection, delivery: &NewDelivery, now_ms: i64) -> Result<bool> {
+    let done = sqlx::query(
+        "INSERT INTO deliveries (id, idempotency_key, agent_id, job_id, channel, target, body, state, \
+             attempts, next_attempt_ms, created_ms, updated_ms) \
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?9, 0, ?8, ?8, ?8) \
+             ON CONFLICT (idempotency_key) DO NOTHING",
+    )
+    .bind(&delivery.id)
+    .bind(&delivery.idempotency_key)
+    .bind(delivery.agent_id.as_str())
+    .bind(&delivery.job_id)
+    .bind(&delivery.channel)
+    .bind(&delivery.target)
+    .bind(&delivery.body)
+    .bind(now_ms)
+    .bind(if delivery.by_stream { DeliveryState::Sent } else { DeliveryState::Pending }.as_str())
+    .execute(&mut *conn)
+    .await
+    .map_err(|e| conflict(e, &[("deliveries.id", "delivery id")]))?;
+    Ok(done.rows_affected() == 1)
 }

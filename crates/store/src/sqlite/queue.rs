@@ -14,8 +14,8 @@ use tinyfat_core::{AgentId, SessionId};
 use super::{BEGIN_IMMEDIATE, SqliteStore};
 use crate::queue::{LEASE_LOST_ERROR, LEASE_OWNER_BYTES_MAX, clip_error, settle_failure};
 use crate::{
-    AgentQueueStatus, Claim, Enqueued, Job, JobOutcome, JobQueue, JobState, Lease, NewJob, Outcome, QueueCounts,
-    Result, Settled, StoreError,
+    AgentQueueStatus, Claim, Enqueued, Job, JobOutcome, JobQueue, JobState, Lease, NewDelivery, NewJob, Outcome,
+    QueueCounts, Result, Settled, StoreError,
 };
 
 /// Agents one claim may look at before it gives up for this call. Only an
@@ -269,13 +269,17 @@ impl JobQueue for SqliteStore {
         Ok(true)
     }
 
-    async fn finish(
+    async fn finish_with(
         &self,
         lease: &Lease,
         outcomes: &[JobOutcome],
+        deliveries: &[NewDelivery],
         now_ms: i64,
         jitter: &mut (dyn FnMut() -> f64 + Send),
     ) -> Result<Option<Vec<Settled>>> {
+        for delivery in deliveries {
+            delivery.validate()?;
+        }
         let agent_id = lease.agent_id.as_str();
         let mut tx = self.pool.begin_with(BEGIN_IMMEDIATE).await?;
         let current = sqlx::query("SELECT 1 FROM agent_leases WHERE agent_id = ?1 AND owner = ?2 AND epoch = ?3")
@@ -286,6 +290,9 @@ impl JobQueue for SqliteStore {
             .await?;
         if current.is_none() {
             return Ok(None);
+        }
+        for delivery in deliveries {
+            super::delivery::insert_delivery(&mut tx, delivery, now_ms).await?;
         }
         let mut settled = Vec::with_capacity(outcomes.len());
         for outcome in outcomes {
