@@ -6,7 +6,7 @@ use std::fmt;
 
 use serde::{Deserialize, Serialize};
 
-use crate::message::{Message, Usage};
+use crate::message::{ContentBlock, Message, Role, Usage, required};
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 #[error("invalid session id {0:?}: expected e.g. cli-main, web-main, email-<hex>, telegram-<chat>, or events")]
@@ -69,6 +69,7 @@ impl From<SessionId> for String {
 
 /// One line of a session file. Records are appended, never rewritten.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(try_from = "RecordFields")]
 pub struct SessionRecord {
     pub id: u64,
     pub ts: String,
@@ -101,9 +102,133 @@ pub enum RecordBody {
     },
 }
 
+/// Every field any record may have, read in one pass. Reading
+/// `SessionRecord` through its derived, flattened and tagged shape buffers
+/// each line into an intermediate tree first; every turn reads its whole
+/// session file, so long sessions paid that on every line (see the runtime
+/// bench). The format is the same: what `SessionRecord` writes.
+#[derive(Deserialize)]
+struct RecordFields {
+    id: u64,
+    ts: String,
+    #[serde(rename = "type")]
+    kind: RecordKind,
+    role: Option<Role>,
+    content: Option<Vec<ContentBlock>>,
+    channel: Option<String>,
+    usage: Option<Usage>,
+    job: Option<String>,
+    summary: Option<String>,
+    replaces_through: Option<u64>,
+    event: Option<String>,
+    detail: Option<String>,
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "snake_case")]
+enum RecordKind {
+    Message,
+    Compaction,
+    Meta,
+}
+
+impl TryFrom<RecordFields> for SessionRecord {
+    type Error = String;
+
+    fn try_from(fields: RecordFields) -> Result<Self, String> {
+        let body = match fields.kind {
+            RecordKind::Message => RecordBody::Message {
+                message: Message {
+                    role: required(fields.role, "role")?,
+                    content: required(fields.content, "content")?,
+                },
+                channel: fields.channel,
+                usage: fields.usage,
+                job: fields.job,
+            },
+            RecordKind::Compaction => RecordBody::Compaction {
+                summary: required(fields.summary, "summary")?,
+                replaces_through: required(fields.replaces_through, "replaces_through")?,
+            },
+            RecordKind::Meta => RecordBody::Meta { event: required(fields.event, "event")?, detail: fields.detail },
+        };
+        Ok(Self { id: fields.id, ts: fields.ts, body })
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn record(id: u64, body: RecordBody) -> SessionRecord {
+        SessionRecord { id, ts: "2026-11-26T08:00:00Z".to_owned(), body }
+    }
+
+    #[test]
+    fn every_record_kind_reads_back_what_it_wrote() {
+        let records = [
+            record(
+                1,
+                RecordBody::Message {
+                    message: Message {
+                        role: Role::User,
+                        content: vec![ContentBlock::Text { text: "hi \"there\"".into() }],
+                    },
+                    channel: Some("web".into()),
+                    usage: None,
+                    job: Some("job_1".into()),
+                },
+            ),
+            record(
+                2,
+                RecordBody::Message {
+                    message: Message {
+                        role: Role::Assistant,
+                        content: vec![ContentBlock::ToolUse {
+                            id: "toolu_1".into(),
+                            name: "bash".into(),
+                            input: serde_json::json!({"command": "ls"}),
+                        }],
+                    },
+                    channel: None,
+                    usage: Some(Usage { input_tokens: 3, output_tokens: 4, ..Usage::default() }),
+                    job: None,
+                },
+            ),
+            record(3, RecordBody::Compaction { summary: "talked".into(), replaces_through: 2 }),
+            record(4, RecordBody::Meta { event: "clear".into(), detail: None }),
+            record(5, RecordBody::Meta { event: "model".into(), detail: Some("openai:gpt".into()) }),
+        ];
+        for original in records {
+            let line = serde_json::to_string(&original).unwrap();
+            let read: SessionRecord = serde_json::from_str(&line).unwrap();
+            assert_eq!(read, original, "{line}");
+        }
+    }
+
+    #[test]
+    fn records_written_by_hand_or_by_older_versions_read_as_before() {
+        let line =
+            r#"{"id":7,"ts":"t","type":"message","role":"user","content":[{"type":"text","text":"x"}],"extra":1}"#;
+        let read: SessionRecord = serde_json::from_str(line).unwrap();
+        assert!(
+            matches!(read.body, RecordBody::Message { ref job, .. } if job.is_none()),
+            "unknown fields are ignored"
+        );
+        let usage_without_cache = r#"{"id":8,"ts":"t","type":"message","role":"assistant","content":[],
+            "usage":{"input_tokens":1,"output_tokens":2}}"#;
+        let read: SessionRecord = serde_json::from_str(usage_without_cache).unwrap();
+        assert!(matches!(read.body, RecordBody::Message { usage: Some(Usage { input_tokens: 1, .. }), .. }));
+        for (bad, says) in [
+            (r#"{"id":1,"ts":"t","type":"message","content":[]}"#, "missing field `role`"),
+            (r#"{"id":1,"ts":"t","type":"compaction","summary":"s"}"#, "missing field `replaces_through`"),
+            (r#"{"id":1,"ts":"t","type":"shout","event":"x"}"#, "unknown variant `shout`"),
+            (r#"{"ts":"t","type":"meta","event":"x"}"#, "missing field `id`"),
+        ] {
+            let error = serde_json::from_str::<SessionRecord>(bad).unwrap_err().to_string();
+            assert!(error.contains(says), "{bad}: {error}");
+        }
+    }
 
     #[test]
     fn ids() {
