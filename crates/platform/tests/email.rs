@@ -482,4 +482,34 @@ async fn outbox_attachments_that_are_links_are_refused_and_the_daily_limit_holds
     assert_eq!(failed.len(), 1);
     let filed: Value = serde_json::from_slice(&env.read(&format!("outbox/failed/{}", failed[0])).unwrap()).unwrap();
     assert!(filed["error"].as_str().unwrap().contains("daily limit"), "{filed}");
+
+    // Web replies recorded since (more than the rows the limit looks at) do
+    // not hide today's send from it: the limit counts email rows only.
+    let env = start_with(&[("TINYFAT_OUTBOX_SENDS_PER_DAY_MAX", "1")]).await;
+    let lease = env.lease().await;
+    env.write("reports/q3.txt", b"numbers");
+    env.write("outbox/email/a.json", OUTBOX_FILE.as_bytes());
+    email::process_outbox(&env.state, &env.agent, &lease).await;
+    assert_eq!(env.resend.send_requests().len(), 1);
+    let now = env.platform.now_ms();
+    for n in 0..150 {
+        let web = NewDelivery {
+            id: format!("web{n}"),
+            idempotency_key: format!("reply:web{n}"),
+            agent_id: env.agent.id.clone(),
+            job_id: None,
+            channel: "web".into(),
+            target: "{}".into(),
+            body: json!({"text": "hi", "attachments": []}).to_string(),
+            by_stream: true,
+        };
+        env.platform.store.insert_delivery(&web, now).await.unwrap();
+    }
+    env.write("outbox/email/b.json", OUTBOX_FILE.as_bytes());
+    email::process_outbox(&env.state, &env.agent, &lease).await;
+    assert_eq!(env.resend.send_requests().len(), 1, "the second send of the day is still refused");
+    let failed = env.list("outbox/failed");
+    assert_eq!(failed.len(), 1);
+    let filed: Value = serde_json::from_slice(&env.read(&format!("outbox/failed/{}", failed[0])).unwrap()).unwrap();
+    assert!(filed["error"].as_str().unwrap().contains("daily limit"), "{filed}");
 }
