@@ -319,7 +319,10 @@ pub async fn process(state: &AppState, claim: Claim, shutting_down: &AtomicBool)
             crate::scheduler::sync_timers(state, &agent).await;
             outcomes.extend(batch_ids.iter().map(|id| JobOutcome { job_id: id.clone(), outcome: Outcome::Done }));
             match store.finish_with(&lease, &outcomes, &by_stream, now, &mut rand_jitter()).await {
-                Ok(Some(_)) => {}
+                // Recorded as sent: their stream delivers them.
+                Ok(Some(_)) => {
+                    state.metrics.deliveries_sent_total.fetch_add(by_stream.len() as u64, Ordering::Relaxed);
+                }
                 Ok(None) => {
                     tracing::warn!(agent = %agent.id, "lease lost before completion; another worker will finish");
                     return;

@@ -171,6 +171,14 @@ async fn web_chat_streams_accepted_deltas_and_done() {
     assert_eq!(env.fake.requests().len(), 1);
     assert_eq!(count(&env.session("web-main"), "hello"), (1, 1));
 
+    // The reply its stream delivered is recorded as sent, once, and counted.
+    let deliveries = reply_deliveries(&env).await;
+    assert_eq!(deliveries.len(), 1);
+    assert_eq!((deliveries[0].state, deliveries[0].attempts), (tinyfat_store::DeliveryState::Sent, 0));
+    let metrics = env.http.get(server.url("/metrics")).bearer_auth(&env.token).send().await.unwrap();
+    let metrics = metrics.text().await.unwrap();
+    assert!(metrics.lines().any(|l| l == "tinyfat_deliveries_sent_total 1"), "{metrics}");
+
     // Unauthenticated and cross-tenant requests.
     let anon = env
         .http
