@@ -130,3 +130,31 @@ async fn uses_wal_and_reports_unsupported_urls() {
     let err = tinyfat_store::connect("mysql://x").await.unwrap_err();
     assert!(err.to_string().contains("sqlite://"), "{err}");
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_write_waiting_for_the_lock_takes_it_soon_after_its_release() {
+    use sqlx::Connection as _;
+    use std::time::{Duration, Instant};
+    let dir = tempfile::tempdir().unwrap();
+    let store = open(&dir).await;
+    // Another process holds SQLite's write lock for 130 ms.
+    let url = format!("sqlite://{}", dir.path().join("meta.db").display());
+    let mut holder = sqlx::SqliteConnection::connect(&url).await.unwrap();
+    sqlx::query("BEGIN IMMEDIATE").execute(&mut holder).await.unwrap();
+    let writer = tokio::spawn({
+        let store = store.clone();
+        async move {
+            store.upsert_user("us_1", &email("ann@x.org"), 1).await.unwrap();
+            Instant::now()
+        }
+    });
+    tokio::time::sleep(Duration::from_millis(130)).await;
+    sqlx::query("COMMIT").execute(&mut holder).await.unwrap();
+    let released = Instant::now();
+    let written = writer.await.unwrap();
+    // The pool's busy handler retries at least every millisecond; SQLite's
+    // own (1, 2, 5, 10, 15, 20, 25, 25, 25, 50 … ms) would sleep until
+    // 178 ms, 48 ms after the release.
+    let late = written.saturating_duration_since(released);
+    assert!(late < Duration::from_millis(25), "the write went through {late:?} after the lock was free");
+}
