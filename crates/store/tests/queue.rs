@@ -251,6 +251,22 @@ async fn a_wal_that_cannot_be_synced_fails_the_enqueue_and_every_later_one() {
     assert!(matches!(later, Err(StoreError::Sync(_))), "after a failed sync nothing is acknowledged: {later:?}");
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_wal_replaced_by_a_new_file_is_not_synced_in_its_place() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = open(&dir).await;
+    let a = agent(1);
+    put(&store, "j0", &a, "cli-main", 1).await;
+    // The WAL is deleted and a fresh one appears at its path (as when
+    // another connection opens the database next): the writer's commits go
+    // into the deleted file, so syncing the new one would prove nothing.
+    let wal = dir.path().join("meta.db-wal");
+    std::fs::remove_file(&wal).unwrap();
+    std::fs::write(&wal, b"").unwrap();
+    let answer = store.enqueue(job("j1", "k1", &a, "cli-main"), 2).await;
+    assert!(matches!(answer, Err(StoreError::Sync(_))), "{answer:?}");
+}
+
 #[tokio::test]
 async fn an_in_memory_database_is_refused() {
     let refused = SqliteStore::open("sqlite::memory:").await;

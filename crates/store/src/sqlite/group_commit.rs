@@ -162,6 +162,10 @@ struct Handoff {
 #[derive(Default)]
 struct HandoffState {
     committed: Vec<Answer>,
+    /// Which connection of the writer committed them (it opens a new one
+    /// after a failed batch); every batch in `committed` has the same one,
+    /// since the writer waits for the syncer to take each batch.
+    connection: u64,
     /// The writer is gone: the syncer ends once `committed` is empty.
     closed: bool,
 }
@@ -173,8 +177,11 @@ impl Handoff {
     }
 
     /// The writer: passes a committed batch on.
-    fn give(&self, answers: Vec<Answer>) {
-        self.lock().committed.extend(answers);
+    fn give(&self, answers: Vec<Answer>, connection: u64) {
+        let mut state = self.lock();
+        state.committed.extend(answers);
+        state.connection = connection;
+        drop(state);
         self.changed.notify_all();
     }
 
@@ -191,9 +198,10 @@ impl Handoff {
         self.changed.notify_all();
     }
 
-    /// The syncer: takes what was committed, waiting for some; `None` once
-    /// the writer is gone and everything was taken.
-    fn take(&self) -> Option<Vec<Answer>> {
+    /// The syncer: takes what was committed (and by which connection),
+    /// waiting for some; `None` once the writer is gone and everything was
+    /// taken.
+    fn take(&self) -> Option<(Vec<Answer>, u64)> {
         let mut state = self.lock();
         while state.committed.is_empty() {
             if state.closed {
@@ -201,7 +209,7 @@ impl Handoff {
             }
             state = self.changed.wait(state).unwrap_or_else(|poisoned| poisoned.into_inner());
         }
-        let taken = std::mem::take(&mut state.committed);
+        let taken = (std::mem::take(&mut state.committed), state.connection);
         drop(state);
         self.changed.notify_all();
         Some(taken)
@@ -221,6 +229,8 @@ fn write_loop(
     let batch_max = policy.enqueue_batch_max.max(1);
     let mut batch = Vec::with_capacity(batch_max);
     let mut writer = Some(writer);
+    // Counts the writer's connections, for the syncer (`HandoffState`).
+    let mut connection = 0u64;
     // Ends the syncer once it has answered the last batch.
     struct Close<'a>(&'a Handoff);
     impl Drop for Close<'_> {
@@ -237,7 +247,10 @@ fn write_loop(
         let written = match writer.take() {
             Some(w) => Ok(w),
             // Opened again after a failed batch, in case its connection broke.
-            None => BatchWriter::open(config),
+            None => {
+                connection += 1;
+                BatchWriter::open(config)
+            }
         }
         .and_then(|mut w| {
             let answers = w.write(&batch, policy.dedup_ttl_ms)?;
@@ -248,7 +261,7 @@ fn write_loop(
             Ok((answers, version)) => {
                 catalog.observe(version);
                 committed.send_replace(());
-                to_sync.give(batch.drain(..).map(|request| request.reply).zip(answers).collect());
+                to_sync.give(batch.drain(..).map(|request| request.reply).zip(answers).collect(), connection);
             }
             Err(error) => {
                 tracing::warn!(%error, jobs = batch.len(), "enqueue batch failed; every caller gets the error");
@@ -266,11 +279,11 @@ fn write_loop(
 /// failed sync every later batch fails too (the kernel may have dropped the
 /// unsynced pages, so a later "successful" sync proves nothing).
 fn sync_wal(wal: &Path, handoff: &Handoff) {
-    let mut file: Option<(File, u64)> = None;
+    let mut file: Option<(File, u64, u64)> = None;
     let mut failed: Option<Arc<std::io::Error>> = None;
-    while let Some(pending) = handoff.take() {
+    while let Some((pending, connection)) = handoff.take() {
         if failed.is_none()
-            && let Err(error) = sync_file(wal, &mut file)
+            && let Err(error) = sync_file(wal, &mut file, connection)
         {
             tracing::error!(%error, wal = %wal.display(), "WAL fsync failed: enqueues fail until the store is reopened");
             failed = Some(Arc::new(error));
@@ -286,15 +299,26 @@ fn sync_wal(wal: &Path, handoff: &Handoff) {
     }
 }
 
-/// `fdatasync` of the WAL file, opening it (again) if the file at `wal` is
-/// not the one held: SQLite deletes the WAL when the last connection to the
-/// database closes, and a later one creates a new file.
-fn sync_file(wal: &Path, file: &mut Option<(File, u64)>) -> std::io::Result<()> {
+/// `fdatasync` of the WAL file the writer's `connection` commits into.
+/// SQLite never replaces the WAL while a connection has the database open
+/// (it deletes it when the last one closes), so within one connection of
+/// the writer the file at `wal` must stay the one first seen: if another
+/// file took its path (the WAL was deleted, and a new connection made a
+/// fresh one), the commits went into the deleted file and cannot be made
+/// durable, which is an error, not a sync of the new file. A new connection
+/// of the writer (after a failed batch) opens the file at `wal` again.
+fn sync_file(wal: &Path, file: &mut Option<(File, u64, u64)>, connection: u64) -> std::io::Result<()> {
     let inode = std::fs::metadata(wal)?.ino();
-    if file.as_ref().is_none_or(|(_, held)| *held != inode) {
-        *file = Some((File::open(wal)?, inode));
+    match file {
+        Some((_, held, of)) if *of == connection && *held != inode => {
+            return Err(std::io::Error::other(
+                "the WAL file was replaced under the open database: its commits cannot be made durable",
+            ));
+        }
+        Some((_, _, of)) if *of == connection => {}
+        _ => *file = Some((File::open(wal)?, inode, connection)),
     }
-    let (file, _) = file.as_ref().expect("opened above");
+    let (file, _, _) = file.as_ref().expect("opened above");
     file.sync_data()
 }
 
