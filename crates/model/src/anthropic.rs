@@ -11,9 +11,10 @@
 
 use async_trait::async_trait;
 use reqwest::header::{CONTENT_TYPE, HeaderMap, HeaderValue};
-use serde_json::{Value, json};
+use serde::Serialize;
+use serde_json::Value;
 use tinyfat_core::Secret;
-use tinyfat_core::message::{ContentBlock, Message, Role, Usage};
+use tinyfat_core::message::{ContentBlock, Message, Role, ToolSpec, Usage};
 
 use crate::client::parse_tool_input;
 use crate::http::{Flow, endpoint, error_detail, status_error};
@@ -69,51 +70,116 @@ impl ModelClient for AnthropicClient {
             return Err(ModelError::Permanent { message: format!("'{}' is not an Anthropic model", request.model) });
         }
         let body = request_body(&route.model, request);
-        let response = self.http.post_stream(Provider::Anthropic, &self.url, self.headers()?, &body, cancel).await?;
+        let response = self.http.post_stream(Provider::Anthropic, &self.url, self.headers()?, body, cancel).await?;
         let mut assembler = Assembler::new(self.http.options());
         self.http.read_events(Provider::Anthropic, response, cancel, |event| assembler.on_event(&event, sink)).await?;
         assembler.finish()
     }
 }
 
-fn ephemeral() -> Value {
-    json!({"type": "ephemeral"})
-}
-
-/// The JSON body of a streaming Messages API call.
-pub(crate) fn request_body(model: &str, request: &ModelRequest) -> Value {
-    let mut body = json!({
-        "model": model,
-        "max_tokens": request.max_tokens,
-        "stream": true,
-        "messages": messages(&request.messages),
-    });
-    let system: Vec<Value> = [&request.system_static, &request.system_dynamic]
+/// The JSON body of a streaming Messages API call, serialised straight from
+/// the request: the wire structs below borrow every string, so the history
+/// is neither copied nor built into a `Value` on its way out.
+pub(crate) fn request_body(model: &str, request: &ModelRequest) -> Vec<u8> {
+    let system = [&request.system_static, &request.system_dynamic]
         .into_iter()
         .filter(|text| !text.is_empty())
-        .map(|text| json!({"type": "text", "text": text, "cache_control": ephemeral()}))
+        .map(|text| WireBlock::Text { text, cache_control: Some(EPHEMERAL) })
         .collect();
-    if !system.is_empty() {
-        body["system"] = Value::Array(system);
+    let body = WireBody {
+        model,
+        max_tokens: request.max_tokens,
+        stream: true,
+        system,
+        messages: messages(&request.messages),
+        tools: &request.tools,
+    };
+    serde_json::to_vec(&body).expect("strings and JSON values always serialise")
+}
+
+#[derive(Serialize)]
+struct WireBody<'a> {
+    model: &'a str,
+    max_tokens: u32,
+    stream: bool,
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    system: Vec<WireBlock<'a>>,
+    messages: Vec<WireMessage<'a>>,
+    /// `ToolSpec` serialises as Anthropic's tool: name, description, input_schema.
+    #[serde(skip_serializing_if = "<[_]>::is_empty")]
+    tools: &'a [ToolSpec],
+}
+
+#[derive(Serialize)]
+struct WireMessage<'a> {
+    role: &'static str,
+    content: Vec<WireBlock<'a>>,
+}
+
+#[derive(Clone, Copy, Serialize)]
+struct CacheControl {
+    #[serde(rename = "type")]
+    kind: &'static str,
+}
+
+const EPHEMERAL: CacheControl = CacheControl { kind: "ephemeral" };
+
+#[derive(Serialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+enum WireBlock<'a> {
+    Text {
+        text: &'a str,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        cache_control: Option<CacheControl>,
+    },
+    ToolUse {
+        id: &'a str,
+        name: &'a str,
+        input: &'a Value,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        cache_control: Option<CacheControl>,
+    },
+    ToolResult {
+        tool_use_id: &'a str,
+        content: &'a str,
+        #[serde(skip_serializing_if = "std::ops::Not::not")]
+        is_error: bool,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        cache_control: Option<CacheControl>,
+    },
+    Image {
+        source: ImageSource<'a>,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        cache_control: Option<CacheControl>,
+    },
+}
+
+#[derive(Serialize)]
+struct ImageSource<'a> {
+    #[serde(rename = "type")]
+    kind: &'static str,
+    media_type: &'a str,
+    data: &'a str,
+}
+
+impl WireBlock<'_> {
+    fn mark_cache_breakpoint(&mut self) {
+        let (Self::Text { cache_control, .. }
+        | Self::ToolUse { cache_control, .. }
+        | Self::ToolResult { cache_control, .. }
+        | Self::Image { cache_control, .. }) = self;
+        *cache_control = Some(EPHEMERAL);
     }
-    if !request.tools.is_empty() {
-        let tools = request
-            .tools
-            .iter()
-            .map(|tool| json!({"name": tool.name, "description": tool.description, "input_schema": tool.input_schema}))
-            .collect();
-        body["tools"] = Value::Array(tools);
-    }
-    body
 }
 
 /// Core messages in Anthropic's shape. The API rejects empty text blocks and
-/// empty messages, so both are left out.
-fn messages(messages: &[Message]) -> Vec<Value> {
-    let mut out: Vec<Value> = messages
+/// empty messages, so both are left out. The last block of the last message
+/// is a cache breakpoint.
+fn messages(messages: &[Message]) -> Vec<WireMessage<'_>> {
+    let mut out: Vec<WireMessage<'_>> = messages
         .iter()
         .filter_map(|message| {
-            let content: Vec<Value> = message.content.iter().filter_map(block).collect();
+            let content: Vec<WireBlock<'_>> = message.content.iter().filter_map(block).collect();
             if content.is_empty() {
                 return None;
             }
@@ -121,31 +187,25 @@ fn messages(messages: &[Message]) -> Vec<Value> {
                 Role::User => "user",
                 Role::Assistant => "assistant",
             };
-            Some(json!({"role": role, "content": content}))
+            Some(WireMessage { role, content })
         })
         .collect();
-    if let Some(last) = out.last_mut().and_then(|m| m["content"].as_array_mut()).and_then(|c| c.last_mut()) {
-        last["cache_control"] = ephemeral();
+    if let Some(last) = out.last_mut().and_then(|m| m.content.last_mut()) {
+        last.mark_cache_breakpoint();
     }
     out
 }
 
-fn block(block: &ContentBlock) -> Option<Value> {
+fn block(block: &ContentBlock) -> Option<WireBlock<'_>> {
     Some(match block {
         ContentBlock::Text { text } if text.is_empty() => return None,
-        ContentBlock::Text { text } => json!({"type": "text", "text": text}),
-        ContentBlock::ToolUse { id, name, input } => {
-            json!({"type": "tool_use", "id": id, "name": name, "input": input})
-        }
+        ContentBlock::Text { text } => WireBlock::Text { text, cache_control: None },
+        ContentBlock::ToolUse { id, name, input } => WireBlock::ToolUse { id, name, input, cache_control: None },
         ContentBlock::ToolResult { tool_use_id, content, is_error } => {
-            let mut result = json!({"type": "tool_result", "tool_use_id": tool_use_id, "content": content});
-            if *is_error {
-                result["is_error"] = Value::Bool(true);
-            }
-            result
+            WireBlock::ToolResult { tool_use_id, content, is_error: *is_error, cache_control: None }
         }
         ContentBlock::Image { media_type, data } => {
-            json!({"type": "image", "source": {"type": "base64", "media_type": media_type, "data": data}})
+            WireBlock::Image { source: ImageSource { kind: "base64", media_type, data }, cache_control: None }
         }
     })
 }
@@ -366,7 +426,7 @@ fn finish_input(json: &str, initial: &Value) -> Result<Value, ModelError> {
 
 #[cfg(test)]
 mod tests {
-    use tinyfat_core::message::ToolSpec;
+    use serde_json::json;
 
     use super::*;
 
@@ -394,7 +454,7 @@ mod tests {
 
     #[test]
     fn body_skips_empty_parts_and_marks_cache_breakpoints() {
-        let body = request_body("claude-x", &request());
+        let body: Value = serde_json::from_slice(&request_body("claude-x", &request())).unwrap();
         assert_eq!(body["system"].as_array().unwrap().len(), 1, "the empty dynamic block is left out");
         assert_eq!(body["system"][0]["cache_control"], json!({"type": "ephemeral"}));
         let messages = body["messages"].as_array().unwrap();
@@ -403,6 +463,39 @@ mod tests {
         assert_eq!(messages[1]["content"][0]["source"]["type"], "base64");
         assert_eq!(messages[1]["content"][0]["cache_control"], json!({"type": "ephemeral"}));
         assert_eq!(body["tools"][0]["input_schema"], json!({"type": "object"}));
+    }
+
+    #[test]
+    fn body_carries_tool_calls_results_and_the_error_flag() {
+        let mut request = request();
+        request.system_static = String::new();
+        request.tools.clear();
+        request.messages = vec![
+            Message {
+                role: Role::Assistant,
+                content: vec![ContentBlock::ToolUse { id: "t1".into(), name: "bash".into(), input: json!({"x": 1}) }],
+            },
+            Message {
+                role: Role::User,
+                content: vec![
+                    ContentBlock::ToolResult { tool_use_id: "t1".into(), content: "no".into(), is_error: true },
+                    ContentBlock::ToolResult { tool_use_id: "t2".into(), content: "ok".into(), is_error: false },
+                ],
+            },
+        ];
+        let body: Value = serde_json::from_slice(&request_body("claude-x", &request)).unwrap();
+        let ephemeral = json!({"type": "ephemeral"});
+        let expected = json!({
+            "model": "claude-x", "max_tokens": 10, "stream": true,
+            "messages": [
+                {"role": "assistant", "content": [{"type": "tool_use", "id": "t1", "name": "bash", "input": {"x": 1}}]},
+                {"role": "user", "content": [
+                    {"type": "tool_result", "tool_use_id": "t1", "content": "no", "is_error": true},
+                    {"type": "tool_result", "tool_use_id": "t2", "content": "ok", "cache_control": ephemeral},
+                ]},
+            ],
+        });
+        assert_eq!(body, expected, "no system or tools keys when both are empty");
     }
 
     fn run(events: &[(&str, Value)]) -> (Result<ModelResponse, ModelError>, Vec<StreamEvent>) {

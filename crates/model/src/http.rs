@@ -82,20 +82,22 @@ impl HttpClient {
         &self.options
     }
 
-    /// POSTs `body` and returns the response once it has a success status and
-    /// an event-stream body; anything else becomes the matching error.
+    /// POSTs `body` (serialised JSON) and returns the response once it has a
+    /// success status and an event-stream body; anything else becomes the
+    /// matching error.
     pub(crate) async fn post_stream(
         &self,
         provider: Provider,
         url: &str,
         headers: HeaderMap,
-        body: &serde_json::Value,
+        body: Vec<u8>,
         cancel: &CancelToken,
     ) -> Result<reqwest::Response, ModelError> {
         if cancel.is_cancelled() {
             return Err(ModelError::Cancelled);
         }
-        let send = self.client.post(url).headers(headers).header(header::ACCEPT, "text/event-stream").json(body).send();
+        // `headers` carry the JSON content type.
+        let send = self.client.post(url).headers(headers).header(header::ACCEPT, "text/event-stream").body(body).send();
         let mut response = tokio::select! {
             biased;
             _ = cancel.cancelled() => return Err(ModelError::Cancelled),

@@ -15,9 +15,13 @@
 //! `[DONE]` after a `finish_reason`, a missing tool call id (it makes one up),
 //! `null` arguments, and `finish_reason: "stop"` alongside tool calls.
 
+use std::borrow::Cow;
+
 use async_trait::async_trait;
 use reqwest::header::{AUTHORIZATION, CONTENT_TYPE, HeaderMap, HeaderValue};
-use serde_json::{Value, json};
+use serde::Serialize;
+use serde::ser::{SerializeMap, Serializer};
+use serde_json::Value;
 use tinyfat_core::Secret;
 use tinyfat_core::message::{ContentBlock, Message, Role, Usage};
 
@@ -83,103 +87,194 @@ impl ModelClient for OpenAiClient {
             });
         }
         let body = request_body(&route.model, self.max_tokens_field, request);
-        let response = self.http.post_stream(Provider::OpenAi, &self.url, self.headers()?, &body, cancel).await?;
+        let response = self.http.post_stream(Provider::OpenAi, &self.url, self.headers()?, body, cancel).await?;
         let mut assembler = Assembler::new(self.http.options());
         self.http.read_events(Provider::OpenAi, response, cancel, |event| assembler.on_event(&event, sink)).await?;
         assembler.finish()
     }
 }
 
-/// The JSON body of a streaming Chat Completions call.
-pub(crate) fn request_body(model: &str, max_tokens_field: &str, request: &ModelRequest) -> Value {
-    let mut body = json!({
-        "model": model,
-        "stream": true,
-        "stream_options": {"include_usage": true},
-        "messages": messages(request),
-    });
-    body[max_tokens_field] = json!(request.max_tokens);
-    if !request.tools.is_empty() {
-        let tools = request
-            .tools
-            .iter()
-            .map(|tool| {
-                json!({"type": "function", "function": {
-                    "name": tool.name, "description": tool.description, "parameters": tool.input_schema,
-                }})
-            })
-            .collect();
-        body["tools"] = Value::Array(tools);
-    }
-    body
+/// The JSON body of a streaming Chat Completions call, serialised straight
+/// from the request: the wire structs below borrow what they can, so the
+/// history is not built into a `Value` on its way out.
+pub(crate) fn request_body(model: &str, max_tokens_field: &str, request: &ModelRequest) -> Vec<u8> {
+    let tools = request
+        .tools
+        .iter()
+        .map(|tool| WireTool {
+            kind: "function",
+            function: WireToolFunction {
+                name: &tool.name,
+                description: &tool.description,
+                parameters: &tool.input_schema,
+            },
+        })
+        .collect();
+    let body = WireBody { model, max_tokens_field, max_tokens: request.max_tokens, messages: messages(request), tools };
+    serde_json::to_vec(&body).expect("strings and JSON values always serialise")
 }
 
-fn messages(request: &ModelRequest) -> Vec<Value> {
-    let mut out = Vec::new();
+struct WireBody<'a> {
+    model: &'a str,
+    /// `max_tokens`, or `max_completion_tokens` for OpenAI's own API.
+    max_tokens_field: &'a str,
+    max_tokens: u32,
+    messages: Vec<WireMessage<'a>>,
+    tools: Vec<WireTool<'a>>,
+}
+
+impl Serialize for WireBody<'_> {
+    fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        #[derive(Serialize)]
+        struct StreamOptions {
+            include_usage: bool,
+        }
+        let mut map = serializer.serialize_map(None)?;
+        map.serialize_entry("model", self.model)?;
+        map.serialize_entry("stream", &true)?;
+        map.serialize_entry("stream_options", &StreamOptions { include_usage: true })?;
+        map.serialize_entry("messages", &self.messages)?;
+        map.serialize_entry(self.max_tokens_field, &self.max_tokens)?;
+        if !self.tools.is_empty() {
+            map.serialize_entry("tools", &self.tools)?;
+        }
+        map.end()
+    }
+}
+
+#[derive(Serialize)]
+struct WireTool<'a> {
+    #[serde(rename = "type")]
+    kind: &'static str,
+    function: WireToolFunction<'a>,
+}
+
+#[derive(Serialize)]
+struct WireToolFunction<'a> {
+    name: &'a str,
+    description: &'a str,
+    parameters: &'a Value,
+}
+
+#[derive(Serialize)]
+#[serde(tag = "role", rename_all = "lowercase")]
+enum WireMessage<'a> {
+    System {
+        content: String,
+    },
+    User {
+        content: UserContent<'a>,
+    },
+    Assistant {
+        /// `null` when the message is only tool calls.
+        content: Option<String>,
+        #[serde(skip_serializing_if = "Vec::is_empty")]
+        tool_calls: Vec<WireCall<'a>>,
+    },
+    Tool {
+        tool_call_id: &'a str,
+        content: Cow<'a, str>,
+    },
+}
+
+/// Plain text goes as a string: not every compatible server takes parts.
+#[derive(Serialize)]
+#[serde(untagged)]
+enum UserContent<'a> {
+    Text(Cow<'a, str>),
+    Parts(Vec<UserPart<'a>>),
+}
+
+#[derive(Serialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+enum UserPart<'a> {
+    Text { text: &'a str },
+    ImageUrl { image_url: ImageUrl },
+}
+
+#[derive(Serialize)]
+struct ImageUrl {
+    url: String,
+}
+
+#[derive(Serialize)]
+struct WireCall<'a> {
+    id: &'a str,
+    #[serde(rename = "type")]
+    kind: &'static str,
+    function: WireCallFunction<'a>,
+}
+
+#[derive(Serialize)]
+struct WireCallFunction<'a> {
+    name: &'a str,
+    /// The API wants the input as a JSON string.
+    arguments: String,
+}
+
+fn messages(request: &ModelRequest) -> Vec<WireMessage<'_>> {
+    let mut out = Vec::with_capacity(request.messages.len() + 1);
     let system: Vec<&str> = [request.system_static.as_str(), request.system_dynamic.as_str()]
         .into_iter()
         .filter(|text| !text.is_empty())
         .collect();
     if !system.is_empty() {
-        out.push(json!({"role": "system", "content": system.join("\n\n")}));
+        out.push(WireMessage::System { content: system.join("\n\n") });
     }
     for message in &request.messages {
         match message.role {
             Role::User => user_messages(message, &mut out),
             Role::Assistant => {
                 let text = message.text();
-                let calls: Vec<Value> = message
+                let tool_calls: Vec<WireCall<'_>> = message
                     .content
                     .iter()
                     .filter_map(|block| match block {
-                        ContentBlock::ToolUse { id, name, input } => Some(json!({
-                            "id": id, "type": "function",
-                            "function": {"name": name, "arguments": input.to_string()},
-                        })),
+                        ContentBlock::ToolUse { id, name, input } => Some(WireCall {
+                            id,
+                            kind: "function",
+                            function: WireCallFunction { name, arguments: input.to_string() },
+                        }),
                         _ => None,
                     })
                     .collect();
-                if text.is_empty() && calls.is_empty() {
+                if text.is_empty() && tool_calls.is_empty() {
                     continue;
                 }
-                let mut assistant =
-                    json!({"role": "assistant", "content": if text.is_empty() { Value::Null } else { json!(text) }});
-                if !calls.is_empty() {
-                    assistant["tool_calls"] = Value::Array(calls);
-                }
-                out.push(assistant);
+                let content = if text.is_empty() { None } else { Some(text) };
+                out.push(WireMessage::Assistant { content, tool_calls });
             }
         }
     }
     out
 }
 
-fn user_messages(message: &Message, out: &mut Vec<Value>) {
+fn user_messages<'a>(message: &'a Message, out: &mut Vec<WireMessage<'a>>) {
     let mut parts = Vec::new();
     for block in &message.content {
         match block {
             ContentBlock::ToolResult { tool_use_id, content, is_error } => {
-                let content = if *is_error { format!("Error: {content}") } else { content.clone() };
-                out.push(json!({"role": "tool", "tool_call_id": tool_use_id, "content": content}));
+                let content =
+                    if *is_error { Cow::Owned(format!("Error: {content}")) } else { Cow::Borrowed(content.as_str()) };
+                out.push(WireMessage::Tool { tool_call_id: tool_use_id, content });
             }
-            ContentBlock::Text { text } if !text.is_empty() => parts.push(json!({"type": "text", "text": text})),
-            ContentBlock::Image { media_type, data } => parts.push(json!({
-                "type": "image_url", "image_url": {"url": format!("data:{media_type};base64,{data}")},
-            })),
+            ContentBlock::Text { text } if !text.is_empty() => parts.push(UserPart::Text { text }),
+            ContentBlock::Image { media_type, data } => parts
+                .push(UserPart::ImageUrl { image_url: ImageUrl { url: format!("data:{media_type};base64,{data}") } }),
             _ => {}
         }
     }
-    if parts.is_empty() {
-        return;
-    }
-    // Plain text goes as a string: not every compatible server takes parts.
-    let content = if parts.iter().all(|p| p["type"] == "text") {
-        let texts: Vec<&str> = parts.iter().filter_map(|p| p["text"].as_str()).collect();
-        json!(texts.join("\n\n"))
-    } else {
-        Value::Array(parts)
+    let content = match parts.as_slice() {
+        [] => return,
+        [UserPart::Text { text }] => UserContent::Text(Cow::Borrowed(text)),
+        _ if parts.iter().all(|p| matches!(p, UserPart::Text { .. })) => {
+            let texts: Vec<&str> =
+                parts.iter().filter_map(|p| if let UserPart::Text { text } = p { Some(*text) } else { None }).collect();
+            UserContent::Text(Cow::Owned(texts.join("\n\n")))
+        }
+        _ => UserContent::Parts(parts),
     };
-    out.push(json!({"role": "user", "content": content}));
+    out.push(WireMessage::User { content });
 }
 
 #[derive(Debug, Default)]
@@ -356,6 +451,9 @@ impl<'o> Assembler<'o> {
 
 #[cfg(test)]
 mod tests {
+    use serde_json::json;
+    use tinyfat_core::message::ToolSpec;
+
     use super::*;
 
     fn run(chunks: &[Value]) -> (Result<ModelResponse, ModelError>, Vec<StreamEvent>) {
@@ -409,6 +507,58 @@ mod tests {
     }
 
     #[test]
+    fn calls_texts_and_images_take_the_chat_completions_shape() {
+        let request = ModelRequest {
+            model: "openai:m".into(),
+            system_static: String::new(),
+            system_dynamic: String::new(),
+            messages: vec![
+                Message {
+                    role: Role::User,
+                    content: vec![ContentBlock::Text { text: "one".into() }, ContentBlock::Text { text: "two".into() }],
+                },
+                Message {
+                    role: Role::Assistant,
+                    content: vec![ContentBlock::ToolUse {
+                        id: "c1".into(),
+                        name: "bash".into(),
+                        input: json!({"x": 1}),
+                    }],
+                },
+                Message {
+                    role: Role::User,
+                    content: vec![
+                        ContentBlock::ToolResult { tool_use_id: "c1".into(), content: "ok".into(), is_error: false },
+                        ContentBlock::Text { text: "see".into() },
+                        ContentBlock::Image { media_type: "image/png".into(), data: "AAAA".into() },
+                    ],
+                },
+                Message { role: Role::Assistant, content: vec![ContentBlock::Text { text: String::new() }] },
+            ],
+            tools: vec![ToolSpec { name: "bash".into(), description: "d".into(), input_schema: json!({}) }],
+            max_tokens: 7,
+        };
+        let body: Value = serde_json::from_slice(&request_body("m", "max_completion_tokens", &request)).unwrap();
+        let expected = json!([
+            {"role": "user", "content": "one\n\ntwo"},
+            {"role": "assistant", "content": null, "tool_calls": [
+                {"id": "c1", "type": "function", "function": {"name": "bash", "arguments": "{\"x\":1}"}},
+            ]},
+            {"role": "tool", "tool_call_id": "c1", "content": "ok"},
+            {"role": "user", "content": [
+                {"type": "text", "text": "see"},
+                {"type": "image_url", "image_url": {"url": "data:image/png;base64,AAAA"}},
+            ]},
+        ]);
+        assert_eq!(body["messages"], expected, "no system message, and the empty assistant message is left out");
+        assert_eq!(body["max_completion_tokens"], 7);
+        assert!(body.get("max_tokens").is_none());
+        assert_eq!((&body["stream"], &body["stream_options"]), (&json!(true), &json!({"include_usage": true})));
+        let function = json!({"name": "bash", "description": "d", "parameters": {}});
+        assert_eq!(body["tools"], json!([{"type": "function", "function": function}]));
+    }
+
+    #[test]
     fn system_blocks_join_and_tool_results_come_first() {
         let request = ModelRequest {
             model: "openai:m".into(),
@@ -424,7 +574,7 @@ mod tests {
             tools: vec![],
             max_tokens: 7,
         };
-        let body = request_body("m", "max_tokens", &request);
+        let body: Value = serde_json::from_slice(&request_body("m", "max_tokens", &request)).unwrap();
         assert_eq!(body["messages"][0], json!({"role": "system", "content": "a\n\nb"}));
         assert_eq!(body["messages"][1], json!({"role": "tool", "tool_call_id": "c1", "content": "Error: boom"}));
         assert_eq!(body["messages"][2], json!({"role": "user", "content": "after"}));
