@@ -26,10 +26,16 @@ pub struct Platform {
     pub http: tinyfat_model::HttpClient,
     /// Runs every tool process (the sandbox).
     pub executor: Arc<dyn tinyfat_sandbox::ToolExecutor>,
+    /// Parsed session logs kept between turns (`SessionCache`).
+    pub sessions: Arc<tinyfat_runtime::SessionCache>,
     /// Facts for the startup log.
     pub key_source: String,
     pub key_generated: bool,
 }
+
+/// Session file bytes whose parsed records stay in memory between turns
+/// (the records take about twice that).
+const SESSION_CACHE_BYTES_MAX: u64 = 32 << 20;
 
 impl Platform {
     pub async fn open(settings: Settings) -> anyhow::Result<Self> {
@@ -67,6 +73,7 @@ impl Platform {
             clock: Arc::new(SystemClock),
             http,
             executor,
+            sessions: Arc::new(tinyfat_runtime::SessionCache::new(SESSION_CACHE_BYTES_MAX)),
             key_source: keys.source,
             key_generated: keys.generated,
         })

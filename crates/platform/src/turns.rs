@@ -89,6 +89,7 @@ impl Platform {
             cancel,
             tokens_used_today,
             clock: Arc::new(chrono::Utc::now),
+            sessions: Some(&self.sessions),
         };
         let outcome = turn.run(input, sink).await?;
         if let Some(model) = &outcome.model_changed {

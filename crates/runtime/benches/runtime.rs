@@ -9,11 +9,11 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use tinyfat_core::message::{ContentBlock, Message, Role};
-use tinyfat_core::session::{RecordBody, SessionId};
+use tinyfat_core::session::{RecordBody, SessionId, SessionRecord};
 use tinyfat_core::{AgentConfig, AgentId, Secret};
 use tinyfat_model::{CancelToken, ClientOptions, HttpClient, ProviderCredentials};
 use tinyfat_runtime::session::SessionLog;
-use tinyfat_runtime::{Conversation, Identity, InboundMessage, Turn, TurnInput, TurnLimits};
+use tinyfat_runtime::{Conversation, Identity, InboundMessage, SessionCache, Turn, TurnInput, TurnLimits};
 use tinyfat_sandbox::SandboxConfig;
 use tinyfat_storage::{AgentStorage, LocalStorage, validate_path};
 use tinyfat_testkit::{FakeModel, Script};
@@ -100,6 +100,37 @@ async fn main() {
     }
     report("load + sanitize 10,000-record session", samples);
 
+    // The same session through the cache `serve` keeps: each turn finds one
+    // record appended since (written here as another process would) and
+    // reads and parses only that.
+    let cache = SessionCache::new(64 << 20);
+    cache.keep(&ws.dir, SessionLog::load(&ws.dir, &session).unwrap());
+    let (mut loads, mut views) = (Vec::new(), Vec::new());
+    for i in 0..30u64 {
+        let record = SessionRecord {
+            id: 10_001 + i,
+            ts: "2026-11-25T10:00:00.000Z".into(),
+            body: RecordBody::Message {
+                message: Message::user_text("one more"),
+                channel: Some("cli".into()),
+                usage: None,
+                job: Some(format!("extra{i}")),
+            },
+        };
+        let line = format!("{}\n", serde_json::to_string(&record).unwrap());
+        ws.dir.append_sync(&validate_path("sessions/cli-big.jsonl").unwrap(), line.as_bytes()).unwrap();
+        let started = Instant::now();
+        let log = cache.load(&ws.dir, &session).unwrap();
+        loads.push(started.elapsed());
+        let view = log.model_view();
+        views.push(started.elapsed());
+        assert_eq!(log.records.len() as u64, 10_001 + i, "the cached log saw the appended record");
+        assert!(!view.is_empty());
+        cache.keep(&ws.dir, log);
+    }
+    report("cached load, one new record (10,000)", loads);
+    report("cached load + sanitize (10,000)", views);
+
     let fake = FakeModel::start().await;
     fake.set_fallback(Script::text("ok"));
     let creds = ProviderCredentials {
@@ -124,6 +155,7 @@ async fn main() {
             cancel: CancelToken::new(),
             tokens_used_today: 0,
             clock: Arc::new(chrono::Utc::now),
+            sessions: None,
         }
     };
     let input = |job: String, session: &str| TurnInput {

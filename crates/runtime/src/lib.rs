@@ -11,10 +11,12 @@ pub mod commands;
 pub mod compaction;
 pub mod prompt;
 pub mod session;
+pub mod session_cache;
 pub mod tools;
 pub mod turn;
 
 pub use prompt::{Identity, InboundMessage, UntrustedPart};
+pub use session_cache::SessionCache;
 pub use tools::{Conversation, OutboundMessage};
 pub use turn::{Turn, TurnEnd, TurnError, TurnEvent, TurnInput, TurnLimits, TurnOutcome};
 

@@ -8,7 +8,7 @@
 
 use tinyfat_core::message::{ContentBlock, Message, Role};
 use tinyfat_core::session::{RecordBody, SessionId, SessionRecord};
-use tinyfat_storage::{AgentDir, FileError, RelPath, validate_path};
+use tinyfat_storage::{AgentDir, FileError, FileStamp, RelPath, validate_path};
 
 /// Largest session file we load; past it the session must be compacted or cleared.
 pub const SESSION_BYTES_MAX: u64 = 256 << 20;
@@ -16,6 +16,10 @@ pub const SESSION_BYTES_MAX: u64 = 256 << 20;
 pub const META_CLEAR: &str = "clear";
 pub const META_MODEL: &str = "model";
 pub const META_STOP: &str = "stop";
+
+/// Bytes at the end of what a log parsed, compared when a cached log is
+/// refreshed: a file that only grew still ends its old part with them.
+const TAIL_CHECK_BYTES: usize = 64;
 
 #[derive(Debug)]
 pub struct SessionLog {
@@ -25,25 +29,91 @@ pub struct SessionLog {
     pub skipped_lines: usize,
     /// The file ends in a torn line: the next append starts a new line first.
     torn_tail: bool,
+    /// The file as `records` reflect it; `None` when that is not known (the
+    /// file changed under an append), and such a log is not cached.
+    stamp: Option<FileStamp>,
+    /// The file's last bytes (up to `TAIL_CHECK_BYTES`) as far as `stamp.len`.
+    tail: Vec<u8>,
 }
 
 impl SessionLog {
+    /// Reads and parses the whole session file.
     pub fn load(dir: &AgentDir, session: &SessionId) -> Result<Self, FileError> {
-        let path = validate_path(&session.file_path())?;
-        let text = dir.read_string_opt(&path, SESSION_BYTES_MAX)?.unwrap_or_default();
-        let mut records = Vec::with_capacity(text.len() / 256);
-        let mut skipped_lines = 0;
-        let torn_tail = !text.is_empty() && !text.ends_with('\n');
+        Self::load_path(dir, validate_path(&session.file_path())?)
+    }
+
+    fn load_path(dir: &AgentDir, path: RelPath) -> Result<Self, FileError> {
+        let mut log =
+            Self { path, records: Vec::new(), skipped_lines: 0, torn_tail: false, stamp: None, tail: Vec::new() };
+        match dir.read_from(&log.path, 0, SESSION_BYTES_MAX)? {
+            Some((bytes, stamp)) => {
+                log.records.reserve(bytes.len() / 256);
+                log.take_in(&bytes, stamp);
+            }
+            // A session not started yet: the first append creates the file.
+            None => log.stamp = Some(FileStamp { dev: 0, ino: 0, len: 0 }),
+        }
+        Ok(log)
+    }
+
+    /// This log brought up to date with its file: only what was appended
+    /// since it was read is read and parsed. A file replaced, shortened or
+    /// rewritten (its old end differs) is read whole again.
+    pub(crate) fn refreshed(mut self, dir: &AgentDir) -> Result<Self, FileError> {
+        let Some(known) = self.stamp.filter(|known| known.len > 0) else {
+            return Self::load_path(dir, self.path);
+        };
+        let from = known.len - self.tail.len() as u64;
+        match dir.read_from(&self.path, from, SESSION_BYTES_MAX)? {
+            Some((bytes, now))
+                if (now.dev, now.ino) == (known.dev, known.ino)
+                    && now.len >= known.len
+                    && bytes.starts_with(&self.tail) =>
+            {
+                let appended = &bytes[self.tail.len()..];
+                self.take_in(appended, now);
+                Ok(self)
+            }
+            _ => Self::load_path(dir, self.path),
+        }
+    }
+
+    /// Parses `bytes`, the file's content up to `stamp.len`, after what the
+    /// log already holds (which ends at a line end, or at a torn line that
+    /// the next writer ended with a newline).
+    fn take_in(&mut self, bytes: &[u8], stamp: FileStamp) {
+        let text = String::from_utf8_lossy(bytes);
+        if !text.is_empty() {
+            self.torn_tail = !text.ends_with('\n');
+        }
         for line in text.lines() {
             if line.trim().is_empty() {
                 continue;
             }
             match serde_json::from_str::<SessionRecord>(line) {
-                Ok(record) => records.push(record),
-                Err(_) => skipped_lines += 1,
+                Ok(record) => self.records.push(record),
+                Err(_) => self.skipped_lines += 1,
             }
         }
-        Ok(Self { path, records, skipped_lines, torn_tail })
+        self.remember_tail(bytes);
+        self.stamp = Some(stamp);
+    }
+
+    fn remember_tail(&mut self, appended: &[u8]) {
+        let keep_new = appended.len().min(TAIL_CHECK_BYTES);
+        let keep_old = (TAIL_CHECK_BYTES - keep_new).min(self.tail.len());
+        self.tail.drain(..self.tail.len() - keep_old);
+        self.tail.extend_from_slice(&appended[appended.len() - keep_new..]);
+    }
+
+    /// The session file's path in the agent's storage.
+    pub(crate) fn path(&self) -> &RelPath {
+        &self.path
+    }
+
+    /// The file's length as the log reflects it, when known.
+    pub(crate) fn known_len(&self) -> Option<u64> {
+        self.stamp.map(|stamp| stamp.len)
     }
 
     pub fn next_id(&self) -> u64 {
@@ -60,7 +130,17 @@ impl SessionLog {
         }
         serde_json::to_writer(&mut line, &record).expect("records serialise");
         line.push(b'\n');
-        dir.append_sync(&self.path, &line)?;
+        let after = dir.append_sync(&self.path, &line)?;
+        // The log still mirrors the file if the append went right after
+        // what it knew (a new file has no known identity yet).
+        self.stamp = self.stamp.filter(|known| {
+            (known.len == 0 || (known.dev, known.ino) == (after.dev, after.ino))
+                && after.len == known.len + line.len() as u64
+        });
+        if self.stamp.is_some() {
+            self.stamp = Some(after);
+            self.remember_tail(&line);
+        }
         self.torn_tail = false;
         self.records.push(record);
         Ok(self.records.last().expect("just pushed"))

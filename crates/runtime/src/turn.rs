@@ -27,6 +27,7 @@ use tinyfat_storage::{FileError, Workspace};
 use crate::commands::{self, Command};
 use crate::prompt::{self, Identity, InboundMessage};
 use crate::session::{META_STOP, SessionLog};
+use crate::session_cache::SessionCache;
 use crate::tools::{self, Conversation, OutboundMessage, ToolContext};
 
 /// The words a turn answers when the user stops it.
@@ -136,6 +137,8 @@ pub struct Turn<'a> {
     pub cancel: CancelToken,
     pub tokens_used_today: u64,
     pub clock: Arc<dyn Fn() -> DateTime<Utc> + Send + Sync>,
+    /// Parsed session logs kept between turns (`None`: read every time).
+    pub sessions: Option<&'a SessionCache>,
 }
 
 impl std::fmt::Debug for Turn<'_> {
@@ -168,7 +171,26 @@ impl Turn<'_> {
 
     pub async fn run(&self, input: TurnInput, sink: &mut TurnSink<'_>) -> Result<TurnOutcome, TurnError> {
         let dir = &self.workspace.dir;
-        let mut log = SessionLog::load(dir, &input.session)?;
+        let mut log = match self.sessions {
+            Some(cache) => cache.load(dir, &input.session)?,
+            None => SessionLog::load(dir, &input.session)?,
+        };
+        let outcome = self.run_on(&mut log, input, sink).await;
+        if outcome.is_ok()
+            && let Some(cache) = self.sessions
+        {
+            cache.keep(dir, log);
+        }
+        outcome
+    }
+
+    async fn run_on(
+        &self,
+        log: &mut SessionLog,
+        input: TurnInput,
+        sink: &mut TurnSink<'_>,
+    ) -> Result<TurnOutcome, TurnError> {
+        let dir = &self.workspace.dir;
         if let Some(reply) = log.completed_reply(&input.job_id) {
             return Ok(self.outcome(filter_reply(&reply), TurnEnd::Completed));
         }
@@ -177,7 +199,7 @@ impl Turn<'_> {
         if let [only] = input.messages.as_slice()
             && let Some(command) = commands::parse(&only.text)
         {
-            return self.command(&mut log, command, &input, sink).await;
+            return self.command(log, command, &input, sink).await;
         }
 
         // One user record per job, each appended once even when the turn is retried.
@@ -197,7 +219,7 @@ impl Turn<'_> {
         }
 
         if SessionLog::estimate_tokens(&log.model_view()) > self.limits.context_window_tokens * 3 / 4 {
-            crate::compaction::compact(self, &mut log, &input.job_id).await?;
+            crate::compaction::compact(self, log, &input.job_id).await?;
         }
 
         let system_static = prompt::static_prompt(&self.identity);
@@ -211,7 +233,7 @@ impl Turn<'_> {
 
         loop {
             if self.cancel.is_cancelled() {
-                return self.stop(&mut log, &input, usage, outbound, tool_calls);
+                return self.stop(log, &input, usage, outbound, tool_calls);
             }
             if started.elapsed() >= self.limits.wall_max {
                 return Ok(self.limit_reached(TurnEnd::WallLimit, usage, outbound, tool_calls));
@@ -235,7 +257,7 @@ impl Turn<'_> {
             };
             let response = match self.model.stream(&request, &self.cancel, &mut forward).await {
                 Ok(response) => response,
-                Err(ModelError::Cancelled) => return self.stop(&mut log, &input, usage, outbound, tool_calls),
+                Err(ModelError::Cancelled) => return self.stop(log, &input, usage, outbound, tool_calls),
                 Err(e) => return Err(e.into()),
             };
             usage.add(&response.usage);

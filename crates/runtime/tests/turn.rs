@@ -12,7 +12,7 @@ use tinyfat_core::{AgentConfig, AgentId, Secret};
 use tinyfat_model::{CancelToken, ClientOptions, HttpClient, ModelClient, ModelError, ProviderCredentials};
 use tinyfat_runtime::session::INTERRUPTED_RESULT;
 use tinyfat_runtime::{
-    Conversation, Identity, InboundMessage, Turn, TurnEnd, TurnError, TurnEvent, TurnInput, TurnLimits,
+    Conversation, Identity, InboundMessage, SessionCache, Turn, TurnEnd, TurnError, TurnEvent, TurnInput, TurnLimits,
 };
 use tinyfat_sandbox::{SandboxConfig, ToolExecutor};
 use tinyfat_storage::{AgentStorage, LocalStorage, Workspace, validate_path};
@@ -24,6 +24,8 @@ struct Env {
     fake: FakeModel,
     client: Arc<dyn ModelClient>,
     executor: Arc<dyn ToolExecutor>,
+    /// Every turn here goes through the session cache, as under `serve`.
+    sessions: SessionCache,
 }
 
 async fn env() -> Env {
@@ -46,7 +48,7 @@ async fn env() -> Env {
     let http = HttpClient::new(ClientOptions::default()).unwrap();
     let client = tinyfat_model::build_client("claude-test", &creds, &http).unwrap();
     let executor = tinyfat_sandbox::build_executor(&SandboxConfig::default());
-    Env { _tmp: tmp, ws, fake, client, executor }
+    Env { _tmp: tmp, ws, fake, client, executor, sessions: SessionCache::new(1 << 20) }
 }
 
 fn turn<'a>(env: &'a Env, limits: TurnLimits) -> Turn<'a> {
@@ -62,6 +64,7 @@ fn turn<'a>(env: &'a Env, limits: TurnLimits) -> Turn<'a> {
         cancel: CancelToken::new(),
         tokens_used_today: 0,
         clock: Arc::new(chrono::Utc::now),
+        sessions: Some(&env.sessions),
     }
 }
 

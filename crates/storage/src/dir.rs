@@ -12,7 +12,7 @@
 //! (no `std::fs::File::open(prefix.join(..))`): only through handles.
 
 use std::fs::File;
-use std::io::{Read, Write};
+use std::io::{Read, Seek, SeekFrom, Write};
 use std::os::fd::OwnedFd;
 use std::path::{Path, PathBuf};
 
@@ -57,6 +57,17 @@ pub struct Entry {
     pub name: String,
     pub kind: EntryKind,
     pub size: u64,
+}
+
+/// Which file a read or an append met, and its length after it: whoever
+/// keeps what it parsed of a file can tell, on its next read, whether the
+/// file only grew since (same device and inode, at least as long) or was
+/// replaced.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct FileStamp {
+    pub dev: u64,
+    pub ino: u64,
+    pub len: u64,
 }
 
 /// A handle on an agent's prefix. Cheap to clone (the fd is duplicated).
@@ -153,7 +164,7 @@ impl AgentDir {
     }
 
     /// Opens a regular file for reading, refusing links, FIFOs and devices.
-    fn open_regular(&self, path: &RelPath, cap: u64) -> Result<(File, u64), FileError> {
+    fn open_regular(&self, path: &RelPath, cap: u64) -> Result<(File, FileStamp), FileError> {
         let (parent, name) = self.parent_and_name(path, false)?;
         let fd = rustix::fs::openat(
             &parent,
@@ -171,19 +182,43 @@ impl AgentDir {
         if size > cap {
             return Err(FileError::TooLarge { path: path.clone(), size, cap });
         }
-        Ok((File::from(fd), size))
+        Ok((File::from(fd), FileStamp { dev: stat.st_dev, ino: stat.st_ino, len: size }))
     }
 
     /// Reads a whole regular file of at most `cap` bytes.
     pub fn read(&self, path: &RelPath, cap: u64) -> Result<Vec<u8>, FileError> {
-        let (file, size) = self.open_regular(path, cap)?;
-        let mut bytes = Vec::with_capacity(size as usize);
+        let (file, stamp) = self.open_regular(path, cap)?;
+        let mut bytes = Vec::with_capacity(stamp.len as usize);
         // The file may grow after fstat; never read past the cap.
         file.take(cap + 1).read_to_end(&mut bytes).map_err(|e| FileError::Io { path: path.clone(), source: e })?;
         if bytes.len() as u64 > cap {
             return Err(FileError::TooLarge { path: path.clone(), size: bytes.len() as u64, cap });
         }
         Ok(bytes)
+    }
+
+    /// Reads a regular file of at most `cap` bytes from `offset` to its end,
+    /// with the stamp of what was read (`len`: `offset` plus the bytes read,
+    /// even if the file grew meanwhile). A file shorter than `offset` reads
+    /// as no bytes, its stamp telling its length; a missing file is `None`.
+    pub fn read_from(&self, path: &RelPath, offset: u64, cap: u64) -> Result<Option<(Vec<u8>, FileStamp)>, FileError> {
+        let (mut file, mut stamp) = match self.open_regular(path, cap) {
+            Ok(opened) => opened,
+            Err(FileError::NotFound(_)) => return Ok(None),
+            Err(e) => return Err(e),
+        };
+        if stamp.len < offset {
+            return Ok(Some((Vec::new(), stamp)));
+        }
+        let io = |e: std::io::Error| FileError::Io { path: path.clone(), source: e };
+        file.seek(SeekFrom::Start(offset)).map_err(io)?;
+        let mut bytes = Vec::with_capacity((stamp.len - offset) as usize);
+        file.take(cap + 1 - offset).read_to_end(&mut bytes).map_err(io)?;
+        stamp.len = offset + bytes.len() as u64;
+        if stamp.len > cap {
+            return Err(FileError::TooLarge { path: path.clone(), size: stamp.len, cap });
+        }
+        Ok(Some((bytes, stamp)))
     }
 
     /// Reads a regular file as UTF-8 (invalid sequences replaced).
@@ -228,7 +263,9 @@ impl AgentDir {
     }
 
     /// Appends `bytes` to a regular file (created if missing) and syncs it.
-    pub fn append_sync(&self, path: &RelPath, bytes: &[u8]) -> Result<(), FileError> {
+    /// The stamp's length assumes nobody else appended meanwhile (appends to
+    /// one file are serialised by their caller, as the agent lease does).
+    pub fn append_sync(&self, path: &RelPath, bytes: &[u8]) -> Result<FileStamp, FileError> {
         let (parent, name) = self.parent_and_name(path, true)?;
         let fd = rustix::fs::openat(
             &parent,
@@ -249,7 +286,8 @@ impl AgentDir {
         let mut file = File::from(fd);
         file.write_all(bytes)
             .and_then(|()| file.sync_data())
-            .map_err(|e| FileError::Io { path: path.clone(), source: e })
+            .map_err(|e| FileError::Io { path: path.clone(), source: e })?;
+        Ok(FileStamp { dev: stat.st_dev, ino: stat.st_ino, len: stat.st_size as u64 + bytes.len() as u64 })
     }
 
     /// Creates a directory and its parents (never through a symlink).

@@ -20,7 +20,7 @@ use std::path::PathBuf;
 use async_trait::async_trait;
 use tinyfat_core::AgentId;
 
-pub use dir::{AgentDir, EntryKind, FileError};
+pub use dir::{AgentDir, EntryKind, FileError, FileStamp};
 pub use local::LocalStorage;
 pub use path::{PathError, RelPath, validate_path};
 
