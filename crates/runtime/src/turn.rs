@@ -218,8 +218,12 @@ impl Turn<'_> {
             log.append(dir, self.ts(), body)?;
         }
 
-        if SessionLog::estimate_tokens(&log.model_view()) > self.limits.context_window_tokens * 3 / 4 {
+        // The first model call sends this view unless compaction changed it.
+        let mut view = Some(log.model_view());
+        if SessionLog::estimate_tokens(view.as_deref().unwrap_or_default()) > self.limits.context_window_tokens * 3 / 4
+        {
             crate::compaction::compact(self, log, &input.job_id).await?;
+            view = None;
         }
 
         let system_static = prompt::static_prompt(&self.identity);
@@ -246,7 +250,7 @@ impl Turn<'_> {
                 model: self.config.model.clone(),
                 system_static: system_static.clone(),
                 system_dynamic: system_dynamic.clone(),
-                messages: log.model_view(),
+                messages: view.take().unwrap_or_else(|| log.model_view()),
                 tools: tool_specs.clone(),
                 max_tokens: self.limits.output_tokens_max,
             };
