@@ -34,7 +34,8 @@ macro_rules! job_columns {
 /// now, or a job still `running` under a lease that lapsed (its worker is
 /// gone). `state IN (...)` repeats the `jobs_active` index's condition so the
 /// scan walks that index in due order.
-const CANDIDATE_SQL: &str = "SELECT j.agent_id FROM jobs j \
+const CANDIDATE_SQL: &str = "SELECT j.agent_id, EXISTS (SELECT 1 FROM jobs r WHERE r.agent_id = j.agent_id \
+     AND r.state = 'running') FROM jobs j \
      WHERE j.state IN ('queued', 'running') AND (j.state = 'running' OR j.next_run_at_ms <= ?1) \
      AND NOT EXISTS (SELECT 1 FROM agent_leases l WHERE l.agent_id = j.agent_id \
                      AND l.owner IS NOT NULL AND l.expires_ms > ?1) \
@@ -42,11 +43,16 @@ const CANDIDATE_SQL: &str = "SELECT j.agent_id FROM jobs j \
 
 /// `CANDIDATE_SQL` for one agent: it has a due (or orphaned running) job and
 /// no live lease.
-const AGENT_CANDIDATE_SQL: &str = "SELECT j.agent_id FROM jobs j \
+const AGENT_CANDIDATE_SQL: &str = "SELECT j.agent_id, EXISTS (SELECT 1 FROM jobs r WHERE r.agent_id = j.agent_id \
+     AND r.state = 'running') FROM jobs j \
      WHERE j.agent_id = ?2 AND j.state IN ('queued', 'running') AND (j.state = 'running' OR j.next_run_at_ms <= ?1) \
      AND NOT EXISTS (SELECT 1 FROM agent_leases l WHERE l.agent_id = j.agent_id \
                      AND l.owner IS NOT NULL AND l.expires_ms > ?1) \
      LIMIT 1";
+
+/// An agent a claim may take, and whether it has jobs left `running` by a
+/// lease that lapsed (orphans to recover first).
+type Candidate = (String, bool);
 
 fn corrupt(what: &str, e: impl std::fmt::Display) -> StoreError {
     StoreError::Corrupt(format!("job {what}: {e}"))
@@ -91,13 +97,14 @@ fn check_lease_ms(lease_ms: i64) -> Result<()> {
     Ok(())
 }
 
-/// Inside a claim transaction: leases `agent` to `owner`, recovers jobs a
-/// lost lease left running, and takes the batch. `None`: the agent has no
-/// due job left (its orphans were dead-lettered); the lease is released.
+/// Inside a claim transaction: leases the candidate's agent to `owner`,
+/// recovers jobs a lost lease left running (when it has any), and takes the
+/// batch. `None`: the agent has no due job left (its orphans were
+/// dead-lettered); the lease is released.
 async fn claim_agent(
     conn: &mut SqliteConnection,
     store: &SqliteStore,
-    agent_id: &str,
+    (agent_id, orphans): &Candidate,
     owner: &str,
     now_ms: i64,
     lease_ms: i64,
@@ -118,40 +125,30 @@ async fn claim_agent(
     // the lease lapse: it crashed, was killed, or stalled past renewal. Count
     // an attempt, so a job that kills its worker every time dead-letters
     // after `attempts_max` turns instead of looping forever; one crash costs
-    // one attempt out of eight, not the job.
-    sqlx::query(
-        "UPDATE jobs SET state = CASE WHEN attempts + 1 >= ?1 THEN 'dead' ELSE 'queued' END, \
-         attempts = attempts + 1, failures = failures + 1, last_error = ?2, \
-         lease_owner = NULL, lease_expires_ms = NULL, updated_ms = ?3 \
-         WHERE agent_id = ?4 AND state = 'running'",
-    )
-    .bind(i64::from(store.policy.attempts_max))
-    .bind(LEASE_LOST_ERROR)
-    .bind(now_ms)
-    .bind(agent_id)
-    .execute(&mut *conn)
-    .await?;
+    // one attempt out of eight, not the job. (The candidate query said
+    // whether there are any, in the same transaction.)
+    if *orphans {
+        sqlx::query(
+            "UPDATE jobs SET state = CASE WHEN attempts + 1 >= ?1 THEN 'dead' ELSE 'queued' END, \
+             attempts = attempts + 1, failures = failures + 1, last_error = ?2, \
+             lease_owner = NULL, lease_expires_ms = NULL, updated_ms = ?3 \
+             WHERE agent_id = ?4 AND state = 'running'",
+        )
+        .bind(i64::from(store.policy.attempts_max))
+        .bind(LEASE_LOST_ERROR)
+        .bind(now_ms)
+        .bind(agent_id)
+        .execute(&mut *conn)
+        .await?;
+    }
 
-    let session: Option<String> = sqlx::query_scalar(
-        "SELECT session FROM jobs WHERE agent_id = ?1 AND state = 'queued' AND next_run_at_ms <= ?2 \
-         ORDER BY created_ms, id LIMIT 1",
-    )
-    .bind(agent_id)
-    .bind(now_ms)
-    .fetch_optional(&mut *conn)
-    .await?;
-    let Some(session) = session else {
-        sqlx::query("UPDATE agent_leases SET owner = NULL, expires_ms = 0 WHERE agent_id = ?")
-            .bind(agent_id)
-            .execute(&mut *conn)
-            .await?;
-        return Ok(None);
-    };
-
+    // The batch: due queued jobs of the session of the agent's oldest due job.
     let rows = sqlx::query(concat!(
         "UPDATE jobs SET state = 'running', lease_owner = ?1, lease_expires_ms = ?2, updated_ms = ?3 \
-         WHERE id IN (SELECT id FROM jobs WHERE agent_id = ?4 AND session = ?5 AND state = 'queued' \
-                      AND next_run_at_ms <= ?3 ORDER BY created_ms, id LIMIT ?6) \
+         WHERE id IN (SELECT id FROM jobs WHERE agent_id = ?4 AND state = 'queued' AND next_run_at_ms <= ?3 \
+                      AND session = (SELECT session FROM jobs WHERE agent_id = ?4 AND state = 'queued' \
+                                     AND next_run_at_ms <= ?3 ORDER BY created_ms, id LIMIT 1) \
+                      ORDER BY created_ms, id LIMIT ?5) \
          RETURNING ",
         job_columns!()
     ))
@@ -159,12 +156,18 @@ async fn claim_agent(
     .bind(expires_ms)
     .bind(now_ms)
     .bind(agent_id)
-    .bind(&session)
     .bind(i64::from(store.policy.claim_batch_max.max(1)))
     .fetch_all(&mut *conn)
     .await?;
     let mut jobs = rows.iter().map(job_from_row).collect::<Result<Vec<_>>>()?;
     jobs.sort_by(|a, b| (a.created_ms, &a.id).cmp(&(b.created_ms, &b.id)));
+    let Some(session) = jobs.first().map(|job| job.session.clone()) else {
+        sqlx::query("UPDATE agent_leases SET owner = NULL, expires_ms = 0 WHERE agent_id = ?")
+            .bind(agent_id)
+            .execute(&mut *conn)
+            .await?;
+        return Ok(None);
+    };
     Ok(Some(Claim {
         lease: Lease {
             agent_id: AgentId::parse(agent_id).map_err(|e| corrupt("agent id", e))?,
@@ -172,7 +175,7 @@ async fn claim_agent(
             epoch,
             expires_ms,
         },
-        session: SessionId::parse(&session).map_err(|e| corrupt("session", e))?,
+        session,
         jobs,
     }))
 }
@@ -191,16 +194,16 @@ impl JobQueue for SqliteStore {
         check_owner(owner)?;
         check_lease_ms(lease_ms)?;
         // Most polls find nothing: look without the write lock first.
-        let any: Option<String> = sqlx::query_scalar(CANDIDATE_SQL).bind(now_ms).fetch_optional(&self.pool).await?;
+        let any: Option<Candidate> = sqlx::query_as(CANDIDATE_SQL).bind(now_ms).fetch_optional(&self.pool).await?;
         if any.is_none() {
             return Ok(None);
         }
         let mut tx = self.pool.begin_with(BEGIN_IMMEDIATE).await?;
         for _ in 0..CLAIM_SCAN_MAX {
-            let candidate: Option<String> =
-                sqlx::query_scalar(CANDIDATE_SQL).bind(now_ms).fetch_optional(&mut *tx).await?;
-            let Some(agent_id) = candidate else { break };
-            if let Some(claim) = claim_agent(&mut tx, self, &agent_id, owner, now_ms, lease_ms).await? {
+            let candidate: Option<Candidate> =
+                sqlx::query_as(CANDIDATE_SQL).bind(now_ms).fetch_optional(&mut *tx).await?;
+            let Some(candidate) = candidate else { break };
+            if let Some(claim) = claim_agent(&mut tx, self, &candidate, owner, now_ms, lease_ms).await? {
                 tx.commit().await?;
                 return Ok(Some(claim));
             }
@@ -214,10 +217,10 @@ impl JobQueue for SqliteStore {
         check_owner(owner)?;
         check_lease_ms(lease_ms)?;
         let mut tx = self.pool.begin_with(BEGIN_IMMEDIATE).await?;
-        let candidate: Option<String> =
-            sqlx::query_scalar(AGENT_CANDIDATE_SQL).bind(now_ms).bind(agent.as_str()).fetch_optional(&mut *tx).await?;
+        let candidate: Option<Candidate> =
+            sqlx::query_as(AGENT_CANDIDATE_SQL).bind(now_ms).bind(agent.as_str()).fetch_optional(&mut *tx).await?;
         let claim = match candidate {
-            Some(agent_id) => claim_agent(&mut tx, self, &agent_id, owner, now_ms, lease_ms).await?,
+            Some(candidate) => claim_agent(&mut tx, self, &candidate, owner, now_ms, lease_ms).await?,
             None => None,
         };
         tx.commit().await?;
