@@ -285,13 +285,18 @@ impl JobQueue for SqliteStore {
         }
         let agent_id = lease.agent_id.as_str();
         let mut tx = self.pool.begin_with(BEGIN_IMMEDIATE).await?;
-        let current = sqlx::query("SELECT 1 FROM agent_leases WHERE agent_id = ?1 AND owner = ?2 AND epoch = ?3")
-            .bind(agent_id)
-            .bind(&lease.owner)
-            .bind(lease.epoch)
-            .fetch_optional(&mut *tx)
-            .await?;
-        if current.is_none() {
+        // Releases the lease if it is still this one (the fence), which also
+        // says whether the turn's results may be recorded; everything below
+        // commits with the release or not at all.
+        let released = sqlx::query(
+            "UPDATE agent_leases SET owner = NULL, expires_ms = 0 WHERE agent_id = ?1 AND owner = ?2 AND epoch = ?3",
+        )
+        .bind(agent_id)
+        .bind(&lease.owner)
+        .bind(lease.epoch)
+        .execute(&mut *tx)
+        .await?;
+        if released.rows_affected() == 0 {
             return Ok(None);
         }
         for delivery in deliveries {
@@ -301,36 +306,38 @@ impl JobQueue for SqliteStore {
         for outcome in outcomes {
             // Running jobs of this agent are this epoch's (a takeover requeues
             // or dead-letters the previous epoch's in the same transaction).
-            let row = sqlx::query(
-                "SELECT attempts, failures, first_failure_ms FROM jobs \
-                 WHERE id = ?1 AND agent_id = ?2 AND state = 'running'",
-            )
-            .bind(&outcome.job_id)
-            .bind(agent_id)
-            .fetch_optional(&mut *tx)
-            .await?;
-            let Some(row) = row else { continue };
-            let attempts = count(row.try_get("attempts")?);
-            let failures = count(row.try_get("failures")?);
-            let first_failure_ms: Option<i64> = row.try_get("first_failure_ms")?;
             match &outcome.outcome {
                 Outcome::Done => {
-                    sqlx::query(
-                        "UPDATE jobs SET state = 'done', lease_owner = NULL, lease_expires_ms = NULL, \
-                         updated_ms = ?1 WHERE id = ?2",
+                    let attempts: Option<i64> = sqlx::query_scalar(
+                        "UPDATE jobs SET state = 'done', lease_owner = NULL, lease_expires_ms = NULL, updated_ms = ?1 \
+                         WHERE id = ?2 AND agent_id = ?3 AND state = 'running' RETURNING attempts",
                     )
                     .bind(now_ms)
                     .bind(&outcome.job_id)
-                    .execute(&mut *tx)
+                    .bind(agent_id)
+                    .fetch_optional(&mut *tx)
                     .await?;
+                    let Some(attempts) = attempts else { continue };
                     settled.push(Settled {
                         job_id: outcome.job_id.clone(),
                         state: JobState::Done,
-                        attempts,
+                        attempts: count(attempts),
                         next_run_at_ms: now_ms,
                     });
                 }
                 Outcome::Failed { failure, error } => {
+                    let row = sqlx::query(
+                        "SELECT attempts, failures, first_failure_ms FROM jobs \
+                         WHERE id = ?1 AND agent_id = ?2 AND state = 'running'",
+                    )
+                    .bind(&outcome.job_id)
+                    .bind(agent_id)
+                    .fetch_optional(&mut *tx)
+                    .await?;
+                    let Some(row) = row else { continue };
+                    let attempts = count(row.try_get("attempts")?);
+                    let failures = count(row.try_get("failures")?);
+                    let first_failure_ms: Option<i64> = row.try_get("first_failure_ms")?;
                     let next =
                         settle_failure(&self.policy, *failure, attempts, failures, first_failure_ms, now_ms, jitter());
                     sqlx::query(
@@ -366,11 +373,6 @@ impl JobQueue for SqliteStore {
         .bind(agent_id)
         .execute(&mut *tx)
         .await?;
-        sqlx::query("UPDATE agent_leases SET owner = NULL, expires_ms = 0 WHERE agent_id = ?1 AND epoch = ?2")
-            .bind(agent_id)
-            .bind(lease.epoch)
-            .execute(&mut *tx)
-            .await?;
         tx.commit().await?;
         Ok(Some(settled))
     }
