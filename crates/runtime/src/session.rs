@@ -5,6 +5,9 @@
 //! model's view is derived: everything after the last `/clear`, with the
 //! latest compaction's summary standing in for the records it replaces, then
 //! sanitised (`sanitize`). A torn final line (a crash mid-append) is ignored.
+//! A log remembers which file and how much of it it reflects, so that a kept
+//! log (`SessionCache`) can be brought up to date by reading only what was
+//! appended since (`refreshed`).
 
 use tinyfat_core::message::{ContentBlock, Message, Role};
 use tinyfat_core::session::{RecordBody, SessionId, SessionRecord};
