@@ -2,6 +2,9 @@
 //! end-to-end web chat latency (POST to `[DONE]`) with an instant fake model,
 //! against the bare model call measured in the same run.
 //!
+//! Then several agents chat at once while `GET /healthz` is timed on the
+//! same server (`TINYFAT_BENCH_CONCURRENT` agents, default 8).
+//!
 //! Run: `cargo bench -p tinyfat --bench serve` (`TINYFAT_BENCH_AGENTS`,
 //! default 10,000; `TINYFAT_BENCH_REQUESTS`, default 200).
 
@@ -14,6 +17,9 @@ use tinyfat_platform::Platform;
 use tinyfat_platform::config::{Settings, Sources};
 use tinyfat_platform::provision::CreateAgent;
 use tinyfat_testkit::{FakeModel, Script};
+
+/// Agents whose turns run at once in the concurrent phase, at most.
+const CONCURRENT_AGENTS_MAX: usize = 64;
 
 fn env_usize(name: &str, default: usize) -> usize {
     std::env::var(name).ok().and_then(|v| v.parse().ok()).unwrap_or(default)
@@ -32,7 +38,13 @@ fn rss_kb(pid: u32, field: &str) -> u64 {
 fn report(name: &str, mut samples: Vec<Duration>) {
     samples.sort();
     let p = |q: f64| samples[((samples.len() - 1) as f64 * q) as usize].as_secs_f64() * 1e3;
-    println!("{name:<40} n={:<4} p50 {:>7.2} ms  p99 {:>7.2} ms", samples.len(), p(0.5), p(0.99));
+    println!(
+        "{name:<40} n={:<5} p50 {:>7.2} ms  p99 {:>7.2} ms  max {:>7.2} ms",
+        samples.len(),
+        p(0.5),
+        p(0.99),
+        p(1.0)
+    );
 }
 
 async fn read_to_done(response: reqwest::Response) {
@@ -62,8 +74,12 @@ async fn main() {
         .create_agent(CreateAgent { owner: owner.clone(), name: Some("bench".into()), model: None })
         .await
         .unwrap();
+    let mut ids = vec![first.id.clone()];
     for _ in 1..agents {
-        platform.create_agent(CreateAgent { owner: owner.clone(), name: None, model: None }).await.unwrap();
+        let agent = platform.create_agent(CreateAgent { owner: owner.clone(), name: None, model: None }).await.unwrap();
+        if ids.len() < CONCURRENT_AGENTS_MAX {
+            ids.push(agent.id);
+        }
     }
     println!("provisioned {agents} agents in {:.1} s", started.elapsed().as_secs_f64());
     let (_, token) = platform.create_token(Some("bench".into()), None).await.unwrap();
@@ -126,6 +142,39 @@ async fn main() {
     }
     report("web chat POST -> [DONE] (one turn)", chat);
     println!("serve VmRSS after {requests} turns: {} KB", rss_kb(child.id(), "VmRSS:"));
+
+    // Turns of several agents at once for 10 s, while this client times
+    // `GET /healthz` on the same server: what the turns' disk waits (each
+    // session append is an fdatasync) cost every other request.
+    let concurrent = env_usize("TINYFAT_BENCH_CONCURRENT", 8).min(ids.len());
+    let stop_at = Instant::now() + Duration::from_secs(10);
+    let drivers: Vec<_> = ids[..concurrent]
+        .iter()
+        .map(|id| {
+            let (http, url, token) = (http.clone(), format!("{base}/api/agents/{id}/chat"), token.expose().to_owned());
+            tokio::spawn(async move {
+                let mut turns = 0u64;
+                while Instant::now() < stop_at {
+                    let body = serde_json::json!({"message": "hi", "request_id": format!("c{turns}")});
+                    read_to_done(http.post(&url).bearer_auth(&token).json(&body).send().await.unwrap()).await;
+                    turns += 1;
+                }
+                turns
+            })
+        })
+        .collect();
+    let mut health = Vec::new();
+    while Instant::now() < stop_at {
+        let started = Instant::now();
+        http.get(format!("{base}/healthz")).send().await.unwrap().bytes().await.unwrap();
+        health.push(started.elapsed());
+    }
+    let mut turns = 0;
+    for driver in drivers {
+        turns += driver.await.unwrap();
+    }
+    println!("{concurrent} agents chatting at once for 10 s: {turns} turns");
+    report("GET /healthz meanwhile", health);
     let _ = child.kill();
     let _ = child.wait();
 }
