@@ -133,7 +133,7 @@ impl SessionLog {
         }
         serde_json::to_writer(&mut line, &record).expect("records serialise");
         line.push(b'\n');
-        let after = without_stalling_the_runtime(|| dir.append_sync(&self.path, &line))?;
+        let after = dir.append_sync(&self.path, &line)?;
         // The log still mirrors the file if the append went right after
         // what it knew (a new file has no known identity yet).
         self.stamp = self.stamp.filter(|known| {
@@ -193,18 +193,6 @@ impl SessionLog {
             })
             .sum();
         (bytes / 4) as u64
-    }
-}
-
-/// Runs `wait_for_disk` (an fsync) without stalling the other tasks of the
-/// calling tokio worker: on a multi-threaded runtime the worker hands them to
-/// another thread first (`block_in_place`); anywhere else it just runs.
-fn without_stalling_the_runtime<T>(wait_for_disk: impl FnOnce() -> T) -> T {
-    match tokio::runtime::Handle::try_current() {
-        Ok(handle) if handle.runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread => {
-            tokio::task::block_in_place(wait_for_disk)
-        }
-        _ => wait_for_disk(),
     }
 }
 

@@ -6,7 +6,9 @@
 //! is refused, never followed. Files are opened `O_NONBLOCK` (a FIFO cannot
 //! block us) and must be regular files under the caller's size cap. Writes go
 //! to a temporary file in the same directory, are synced, then renamed over
-//! the target; appends are synced before they return.
+//! the target; appends are synced before they return. Those syncs wait for
+//! the disk without stalling the calling tokio worker's other tasks
+//! (`without_stalling_the_runtime`).
 //!
 //! This module must not resolve paths through the host filesystem by name
 //! (no `std::fs::File::open(prefix.join(..))`): only through handles.
@@ -75,6 +77,20 @@ pub struct FileStamp {
 pub struct AgentDir {
     root: OwnedFd,
     host_path: PathBuf,
+}
+
+/// Runs `wait_for_disk` (an fsync) without stalling the other tasks of the
+/// calling tokio worker: on a multi-threaded runtime the worker hands them
+/// to another thread first (`block_in_place`, which also simply runs it on a
+/// thread outside the runtime or in `spawn_blocking`); on a current-thread
+/// runtime, where `block_in_place` would panic, it just runs.
+fn without_stalling_the_runtime<T>(wait_for_disk: impl FnOnce() -> T) -> T {
+    match tokio::runtime::Handle::try_current() {
+        Ok(handle) if handle.runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread => {
+            tokio::task::block_in_place(wait_for_disk)
+        }
+        _ => wait_for_disk(),
+    }
 }
 
 fn kind_name(file_type: FileType) -> &'static str {
@@ -250,16 +266,18 @@ impl AgentDir {
         )
         .map_err(|e| Self::io(path, e))?;
         let mut file = File::from(fd);
-        let written = file.write_all(bytes).and_then(|()| file.sync_all());
-        if let Err(e) = written {
-            let _ = rustix::fs::unlinkat(&parent, temp.as_str(), AtFlags::empty());
-            return Err(io(e));
-        }
-        if let Err(e) = rustix::fs::renameat(&parent, temp.as_str(), &parent, name) {
-            let _ = rustix::fs::unlinkat(&parent, temp.as_str(), AtFlags::empty());
-            return Err(Self::io(path, e));
-        }
-        rustix::fs::fsync(&parent).map_err(|e| Self::io(path, e))
+        without_stalling_the_runtime(|| {
+            let written = file.write_all(bytes).and_then(|()| file.sync_all());
+            if let Err(e) = written {
+                let _ = rustix::fs::unlinkat(&parent, temp.as_str(), AtFlags::empty());
+                return Err(io(e));
+            }
+            if let Err(e) = rustix::fs::renameat(&parent, temp.as_str(), &parent, name) {
+                let _ = rustix::fs::unlinkat(&parent, temp.as_str(), AtFlags::empty());
+                return Err(Self::io(path, e));
+            }
+            rustix::fs::fsync(&parent).map_err(|e| Self::io(path, e))
+        })
     }
 
     /// Appends `bytes` to a regular file (created if missing) and syncs it.
@@ -284,8 +302,7 @@ impl AgentDir {
             return Err(FileError::NotRegular { path: path.clone(), kind: kind_name(file_type) });
         }
         let mut file = File::from(fd);
-        file.write_all(bytes)
-            .and_then(|()| file.sync_data())
+        without_stalling_the_runtime(|| file.write_all(bytes).and_then(|()| file.sync_data()))
             .map_err(|e| FileError::Io { path: path.clone(), source: e })?;
         Ok(FileStamp { dev: stat.st_dev, ino: stat.st_ino, len: stat.st_size as u64 + bytes.len() as u64 })
     }
