@@ -203,14 +203,7 @@ impl AgentDir {
 
     /// Reads a whole regular file of at most `cap` bytes.
     pub fn read(&self, path: &RelPath, cap: u64) -> Result<Vec<u8>, FileError> {
-        let (file, stamp) = self.open_regular(path, cap)?;
-        let mut bytes = Vec::with_capacity(stamp.len as usize);
-        // The file may grow after fstat; never read past the cap.
-        file.take(cap + 1).read_to_end(&mut bytes).map_err(|e| FileError::Io { path: path.clone(), source: e })?;
-        if bytes.len() as u64 > cap {
-            return Err(FileError::TooLarge { path: path.clone(), size: bytes.len() as u64, cap });
-        }
-        Ok(bytes)
+        self.read_at(path, 0, cap).map(|(bytes, _)| bytes)
     }
 
     /// Reads a regular file of at most `cap` bytes from `offset` to its end,
@@ -218,23 +211,30 @@ impl AgentDir {
     /// even if the file grew meanwhile). A file shorter than `offset` reads
     /// as no bytes, its stamp telling its length; a missing file is `None`.
     pub fn read_from(&self, path: &RelPath, offset: u64, cap: u64) -> Result<Option<(Vec<u8>, FileStamp)>, FileError> {
-        let (mut file, mut stamp) = match self.open_regular(path, cap) {
-            Ok(opened) => opened,
-            Err(FileError::NotFound(_)) => return Ok(None),
-            Err(e) => return Err(e),
-        };
+        match self.read_at(path, offset, cap) {
+            Ok(read) => Ok(Some(read)),
+            Err(FileError::NotFound(_)) => Ok(None),
+            Err(e) => Err(e),
+        }
+    }
+
+    fn read_at(&self, path: &RelPath, offset: u64, cap: u64) -> Result<(Vec<u8>, FileStamp), FileError> {
+        let (mut file, mut stamp) = self.open_regular(path, cap)?;
         if stamp.len < offset {
-            return Ok(Some((Vec::new(), stamp)));
+            return Ok((Vec::new(), stamp));
         }
         let io = |e: std::io::Error| FileError::Io { path: path.clone(), source: e };
-        file.seek(SeekFrom::Start(offset)).map_err(io)?;
+        if offset > 0 {
+            file.seek(SeekFrom::Start(offset)).map_err(io)?;
+        }
         let mut bytes = Vec::with_capacity((stamp.len - offset) as usize);
+        // The file may grow after fstat; never read past the cap.
         file.take(cap + 1 - offset).read_to_end(&mut bytes).map_err(io)?;
         stamp.len = offset + bytes.len() as u64;
         if stamp.len > cap {
             return Err(FileError::TooLarge { path: path.clone(), size: stamp.len, cap });
         }
-        Ok(Some((bytes, stamp)))
+        Ok((bytes, stamp))
     }
 
     /// Reads a regular file as UTF-8 (invalid sequences replaced).
