@@ -45,7 +45,8 @@ impl SessionLog {
         Self::load_path(dir, validate_path(&session.file_path())?)
     }
 
-    fn load_path(dir: &AgentDir, path: RelPath) -> Result<Self, FileError> {
+    /// Reads and parses the whole session file at `path` (validated).
+    pub(crate) fn load_path(dir: &AgentDir, path: RelPath) -> Result<Self, FileError> {
         let mut log =
             Self { path, records: Vec::new(), skipped_lines: 0, torn_tail: false, stamp: None, tail: Vec::new() };
         match dir.read_from(&log.path, 0, SESSION_BYTES_MAX)? {

@@ -14,11 +14,11 @@
 //! and nothing may depend on an entry being present.
 
 use std::collections::HashMap;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 
 use tinyfat_core::session::SessionId;
-use tinyfat_storage::{AgentDir, FileError, validate_path};
+use tinyfat_storage::{AgentDir, FileError, RelPath, validate_path};
 
 use crate::session::SessionLog;
 
@@ -37,6 +37,19 @@ struct State {
     tick: u64,
 }
 
+impl State {
+    fn remove(&mut self, key: &Path) -> Option<SessionLog> {
+        let (_, log) = self.logs.remove(key)?;
+        self.bytes -= log.known_len().unwrap_or(0);
+        Some(log)
+    }
+}
+
+/// A session file's host path: one key per agent and session.
+fn key(dir: &AgentDir, path: &RelPath) -> PathBuf {
+    dir.host_path().join(path.as_str())
+}
+
 impl SessionCache {
     pub fn new(bytes_max: u64) -> Self {
         Self { state: Mutex::new(State::default()), bytes_max }
@@ -46,31 +59,27 @@ impl SessionCache {
     /// refreshed, or a full read.
     pub fn load(&self, dir: &AgentDir, session: &SessionId) -> Result<SessionLog, FileError> {
         let path = validate_path(&session.file_path())?;
-        let cached = self.take(&dir.host_path().join(path.as_str()));
-        match cached {
+        match self.take(&key(dir, &path)) {
             Some(log) => log.refreshed(dir),
-            None => SessionLog::load(dir, session),
+            None => SessionLog::load_path(dir, path),
         }
     }
 
     /// Keeps `log` for the next turn of its session.
     pub fn keep(&self, dir: &AgentDir, log: SessionLog) {
         let Some(len) = log.known_len().filter(|&len| len <= self.bytes_max) else { return };
-        let key = dir.host_path().join(log.path().as_str());
+        let key = key(dir, log.path());
         let mut state = self.lock();
         state.tick += 1;
         let tick = state.tick;
-        if let Some((_, old)) = state.logs.insert(key, (tick, log)) {
-            state.bytes -= old.known_len().unwrap_or(0);
-        }
+        state.remove(&key);
+        state.logs.insert(key, (tick, log));
         state.bytes += len;
         while state.bytes > self.bytes_max {
             let Some(oldest) = state.logs.iter().min_by_key(|(_, (tick, _))| *tick).map(|(key, _)| key.clone()) else {
                 break;
             };
-            if let Some((_, evicted)) = state.logs.remove(&oldest) {
-                state.bytes -= evicted.known_len().unwrap_or(0);
-            }
+            state.remove(&oldest);
         }
     }
 
@@ -79,11 +88,8 @@ impl SessionCache {
         self.lock().bytes
     }
 
-    fn take(&self, key: &PathBuf) -> Option<SessionLog> {
-        let mut state = self.lock();
-        let (_, log) = state.logs.remove(key)?;
-        state.bytes -= log.known_len().unwrap_or(0);
-        Some(log)
+    fn take(&self, key: &Path) -> Option<SessionLog> {
+        self.lock().remove(key)
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, State> {
