@@ -279,7 +279,7 @@ fn write_loop(
 /// failed sync every later batch fails too (the kernel may have dropped the
 /// unsynced pages, so a later "successful" sync proves nothing).
 fn sync_wal(wal: &Path, handoff: &Handoff) {
-    let mut file: Option<(File, u64, u64)> = None;
+    let mut file: Option<HeldWal> = None;
     let mut failed: Option<Arc<std::io::Error>> = None;
     while let Some((pending, connection)) = handoff.take() {
         if failed.is_none()
@@ -307,19 +307,26 @@ fn sync_wal(wal: &Path, handoff: &Handoff) {
 /// fresh one), the commits went into the deleted file and cannot be made
 /// durable, which is an error, not a sync of the new file. A new connection
 /// of the writer (after a failed batch) opens the file at `wal` again.
-fn sync_file(wal: &Path, file: &mut Option<(File, u64, u64)>, connection: u64) -> std::io::Result<()> {
+fn sync_file(wal: &Path, held: &mut Option<HeldWal>, connection: u64) -> std::io::Result<()> {
     let inode = std::fs::metadata(wal)?.ino();
-    match file {
-        Some((_, held, of)) if *of == connection && *held != inode => {
+    let wal_file = match held {
+        Some(h) if h.connection == connection && h.inode != inode => {
             return Err(std::io::Error::other(
                 "the WAL file was replaced under the open database: its commits cannot be made durable",
             ));
         }
-        Some((_, _, of)) if *of == connection => {}
-        _ => *file = Some((File::open(wal)?, inode, connection)),
-    }
-    let (file, _, _) = file.as_ref().expect("opened above");
-    file.sync_data()
+        Some(h) if h.connection == connection => &h.file,
+        _ => &held.insert(HeldWal { file: File::open(wal)?, inode, connection }).file,
+    };
+    wal_file.sync_data()
+}
+
+/// The WAL file the syncer holds open, and which connection of the writer
+/// it was opened for.
+struct HeldWal {
+    file: File,
+    inode: u64,
+    connection: u64,
 }
 
 /// Checkpoints (PASSIVE: never waits for, nor blocks, the writer or a

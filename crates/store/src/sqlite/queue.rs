@@ -30,25 +30,36 @@ macro_rules! job_columns {
     };
 }
 
+/// A candidate row (`Candidate`): the job's agent, and whether that agent
+/// has jobs `running` (under a lapsed lease, since its lease is not live).
+macro_rules! candidate_columns {
+    () => {
+        "SELECT j.agent_id, EXISTS (SELECT 1 FROM jobs r WHERE r.agent_id = j.agent_id AND r.state = 'running') \
+         FROM jobs j"
+    };
+}
+
 /// The oldest due job whose agent holds no live lease: a queued job due by
 /// now, or a job still `running` under a lease that lapsed (its worker is
 /// gone). `state IN (...)` repeats the `jobs_active` index's condition so the
 /// scan walks that index in due order.
-const CANDIDATE_SQL: &str = "SELECT j.agent_id, EXISTS (SELECT 1 FROM jobs r WHERE r.agent_id = j.agent_id \
-     AND r.state = 'running') FROM jobs j \
-     WHERE j.state IN ('queued', 'running') AND (j.state = 'running' OR j.next_run_at_ms <= ?1) \
+const CANDIDATE_SQL: &str = concat!(
+    candidate_columns!(),
+    " WHERE j.state IN ('queued', 'running') AND (j.state = 'running' OR j.next_run_at_ms <= ?1) \
      AND NOT EXISTS (SELECT 1 FROM agent_leases l WHERE l.agent_id = j.agent_id \
                      AND l.owner IS NOT NULL AND l.expires_ms > ?1) \
-     ORDER BY j.next_run_at_ms, j.id LIMIT 1";
+     ORDER BY j.next_run_at_ms, j.id LIMIT 1"
+);
 
 /// `CANDIDATE_SQL` for one agent: it has a due (or orphaned running) job and
 /// no live lease.
-const AGENT_CANDIDATE_SQL: &str = "SELECT j.agent_id, EXISTS (SELECT 1 FROM jobs r WHERE r.agent_id = j.agent_id \
-     AND r.state = 'running') FROM jobs j \
-     WHERE j.agent_id = ?2 AND j.state IN ('queued', 'running') AND (j.state = 'running' OR j.next_run_at_ms <= ?1) \
+const AGENT_CANDIDATE_SQL: &str = concat!(
+    candidate_columns!(),
+    " WHERE j.agent_id = ?2 AND j.state IN ('queued', 'running') AND (j.state = 'running' OR j.next_run_at_ms <= ?1) \
      AND NOT EXISTS (SELECT 1 FROM agent_leases l WHERE l.agent_id = j.agent_id \
                      AND l.owner IS NOT NULL AND l.expires_ms > ?1) \
-     LIMIT 1";
+     LIMIT 1"
+);
 
 /// An agent a claim may take, and whether it has jobs left `running` by a
 /// lease that lapsed (orphans to recover first).
