@@ -44,11 +44,23 @@ fn assert_same_as_full(ws: &Workspace, cached: &SessionLog) {
     assert_eq!(cached.next_id(), full.next_id());
 }
 
+/// The cached load, checked: `records` records, and what a full read gives.
+fn load_checked(ws: &Workspace, cache: &SessionCache, records: usize) -> SessionLog {
+    let log = cache.load(&ws.dir, &session()).unwrap();
+    assert_eq!(log.records.len(), records);
+    assert_same_as_full(ws, &log);
+    log
+}
+
+fn append(ws: &Workspace, log: &mut SessionLog, text: &str) {
+    log.append(&ws.dir, "2026-12-06T00:00:00.000Z".into(), say(text)).unwrap();
+}
+
 /// A log of `texts`, appended through the log and kept in `cache`.
 fn kept(ws: &Workspace, cache: &SessionCache, texts: &[&str]) {
     let mut log = cache.load(&ws.dir, &session()).unwrap();
     for text in texts {
-        log.append(&ws.dir, "2026-12-06T00:00:00.000Z".into(), say(text)).unwrap();
+        append(ws, &mut log, text);
     }
     cache.keep(&ws.dir, log);
 }
@@ -61,15 +73,11 @@ async fn appends_by_the_log_and_by_another_writer_are_both_seen() {
     assert!(cache.bytes() > 0, "the log was kept");
     // Another process appends between two turns.
     ws.dir.append_sync(&validate_path("sessions/cli-main.jsonl").unwrap(), line(3, "three").as_bytes()).unwrap();
-    let mut log = cache.load(&ws.dir, &session()).unwrap();
-    assert_eq!(log.records.len(), 3);
-    assert_same_as_full(&ws, &log);
-    log.append(&ws.dir, "2026-12-06T00:00:00.000Z".into(), say("four")).unwrap();
+    let mut log = load_checked(&ws, &cache, 3);
+    append(&ws, &mut log, "four");
     assert_eq!(log.records.last().unwrap().id, 4);
     cache.keep(&ws.dir, log);
-    let log = cache.load(&ws.dir, &session()).unwrap();
-    assert_eq!(log.records.len(), 4);
-    assert_same_as_full(&ws, &log);
+    load_checked(&ws, &cache, 4);
 }
 
 #[tokio::test]
@@ -83,7 +91,7 @@ async fn a_torn_line_then_a_later_append_reads_as_a_full_load_would() {
     assert_eq!((log.records.len(), log.skipped_lines), (1, 1));
     assert_same_as_full(&ws, &log);
     // The retried turn's record starts on a line of its own.
-    log.append(&ws.dir, "2026-12-06T00:00:00.000Z".into(), say("two")).unwrap();
+    append(&ws, &mut log, "two");
     cache.keep(&ws.dir, log);
     let log = cache.load(&ws.dir, &session()).unwrap();
     assert_eq!(log.records.iter().map(|r| r.id).collect::<Vec<_>>(), vec![1, 2]);
@@ -99,9 +107,7 @@ async fn a_file_rewritten_in_place_is_read_again_whole() {
     // from its sandbox with `>`): the cache must not trust its records.
     let rewritten = format!("{}{}{}", line(1, "uno"), line(2, "dos-dos-dos"), line(3, "tres"));
     std::fs::write(file(&ws), &rewritten).unwrap();
-    let log = cache.load(&ws.dir, &session()).unwrap();
-    assert_eq!(log.records.len(), 3);
-    assert_same_as_full(&ws, &log);
+    load_checked(&ws, &cache, 3);
 }
 
 #[tokio::test]
@@ -113,16 +119,10 @@ async fn a_replaced_or_shortened_file_is_read_again_whole() {
     let replacement = ws.dir.host_path().join("sessions/new.jsonl");
     std::fs::write(&replacement, format!("{}{}{}{}", line(1, "a"), line(2, "b"), line(3, "c"), line(4, "d"))).unwrap();
     std::fs::rename(&replacement, file(&ws)).unwrap();
-    let log = cache.load(&ws.dir, &session()).unwrap();
-    assert_eq!(log.records.len(), 4);
-    assert_same_as_full(&ws, &log);
-    cache.keep(&ws.dir, log);
+    cache.keep(&ws.dir, load_checked(&ws, &cache, 4));
     // Truncated to one record in place.
     std::fs::write(file(&ws), line(1, "only")).unwrap();
-    let log = cache.load(&ws.dir, &session()).unwrap();
-    assert_eq!(log.records.len(), 1);
-    assert_same_as_full(&ws, &log);
-    cache.keep(&ws.dir, log);
+    cache.keep(&ws.dir, load_checked(&ws, &cache, 1));
     // Deleted: a new session.
     std::fs::remove_file(file(&ws)).unwrap();
     let log = cache.load(&ws.dir, &session()).unwrap();
@@ -140,18 +140,16 @@ async fn the_cache_holds_at_most_its_byte_budget() {
     let other = SessionId::parse("cli-other").unwrap();
     let mut log = cache.load(&ws.dir, &other).unwrap();
     for text in ["a", "b", "c"] {
-        log.append(&ws.dir, "2026-12-06T00:00:00.000Z".into(), say(text)).unwrap();
+        append(&ws, &mut log, text);
     }
     cache.keep(&ws.dir, log);
     assert!(cache.bytes() <= 600, "{}", cache.bytes());
     // A session larger than the whole budget is not kept at all.
     let mut log = cache.load(&ws.dir, &session()).unwrap();
-    log.append(&ws.dir, "2026-12-06T00:00:00.000Z".into(), say(&"x".repeat(700))).unwrap();
+    append(&ws, &mut log, &"x".repeat(700));
     let before = cache.bytes();
     cache.keep(&ws.dir, log);
     assert_eq!(cache.bytes(), before);
     // Evicted or not, every load still answers the file.
-    let log = cache.load(&ws.dir, &session()).unwrap();
-    assert_eq!(log.records.len(), 3);
-    assert_same_as_full(&ws, &log);
+    load_checked(&ws, &cache, 3);
 }
